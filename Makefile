@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned for this project's build machines (torch/torchvision wheels on local
+# disk); setup.py itself does not pin torch for users.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+DEMO_SHARDS := demo/corpus/demo-{000000..000002}.tar
+
+.PHONY: install demo test bench bench-incremental bench-read clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(TORCH_PINS)
+	$(VENV)/bin/pip install -q -e '.[test,demo]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo/corpus/demo-000000.tar: | $(VENV)/.installed
+	$(VENV)/bin/edje-index demo-corpus demo/corpus
+
+demo: $(VENV)/.installed demo/corpus/demo-000000.tar
+	$(VENV)/bin/edje-index index --input '$(DEMO_SHARDS)' --store demo/store --preset tiny
+	$(VENV)/bin/edje-index inspect demo/store
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+
+bench-incremental: $(VENV)/.installed
+	$(PY) -m benchmarks.incremental $(BENCH_ARGS)
+
+bench-read: $(VENV)/.installed
+	$(PY) -m benchmarks.read $(BENCH_ARGS)
+
+clean:
+	rm -rf demo .pytest_cache

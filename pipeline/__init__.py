@@ -1,0 +1,1 @@
+"""Beam jobs and the command line: planning, the job graph, finalize, reports."""

@@ -1,0 +1,144 @@
+"""``edje-index``: one entry point, subcommands. ``main(argv)`` is callable from tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import numpy as np
+
+EPILOG_INDEX = """Any other --flags are Beam pipeline options and pass through, e.g.
+  --runner DataflowRunner --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
+  --direct_num_workers 2 --direct_running_mode multi_processing   (local, several processes)
+The local default runner is FnApiRunner (no Prism download)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edje-index", description="Index WebDataset image shards into EDJE token stores.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ix = sub.add_parser("index", help="index a corpus into a store (incremental)", epilog=EPILOG_INDEX,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ix.add_argument("--input", required=True, help="shards: brace pattern, glob, comma list, paths or fsspec URLs")
+    ix.add_argument("--store", required=True, help="store folder or fsspec URL")
+    ix.add_argument("--preset", help="named model configuration (tiny, edje-siglip2-l16-384)")
+    ix.add_argument("--backbone", help="any timm ViT name (without --preset: its own timm preprocessing)")
+    ix.add_argument("--weights", help="backbone weights file (safetensors/.pth); default: local HF cache")
+    ix.add_argument("--adapter", help="adapter weights (authors' checkpoint or project safetensors)")
+    ix.add_argument("--random-weights", action="store_true", help="seeded random backbone (recorded in the store)")
+    ix.add_argument("--random-adapter", action="store_true", help="seeded random adapter (recorded in the store)")
+    ix.add_argument("--quantize", default="fp16", choices=["fp16", "int8"])
+    ix.add_argument("--id-policy", default="key", help="key (default: WebDataset __key__), shard-key, json:FIELD")
+    ix.add_argument("--batch-size", type=int, default=32)
+    ix.add_argument("--decode-threads", type=int, default=4)
+    ix.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; cuda fails if no GPU is used")
+    ix.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
+    ix.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
+    ix.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
+                    help="decode JPEGs at full size (changes the model identity)")
+    ix.add_argument("--force", action="store_true", help="re-index shards even if committed")
+    ix.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another job's store lock")
+    ix.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    ins = sub.add_parser("inspect", help="summarize a store")
+    ins.add_argument("store")
+    ins.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("get", help="decoded tokens of one image (float32 [m, d])")
+    g.add_argument("store")
+    g.add_argument("id")
+    g.add_argument("--out", help="write a .npy file instead of printing")
+
+    d = sub.add_parser("demo-corpus", help="write the built-in demo corpus (packaged sample photos)")
+    d.add_argument("out")
+    d.add_argument("--shards", type=int, default=3)
+    return p
+
+
+def _cmd_index(args, beam_args) -> int:
+    from pipeline.job import JobConfig, run_job
+    from pipeline.presets import resolve_spec
+    from schemas.storage import Location
+    from pipeline.inspect import summarize
+
+    spec = resolve_spec(args.preset, args.backbone, args.weights, args.adapter, args.random_weights,
+                        args.random_adapter, args.jpeg_draft)
+    cfg = JobConfig(input=args.input, store=args.store, spec=spec, quantization=args.quantize,
+                    id_policy=args.id_policy, batch_size=args.batch_size, decode_threads=args.decode_threads,
+                    device=args.device, precision=args.precision, compile=args.compile, force=args.force,
+                    lock_wait_s=args.lock_wait, beam_args=beam_args)
+    result = run_job(cfg)
+    out = result.to_dict()
+    out["bytes_per_image"] = summarize(args.store)["bytes_per_image"]
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"shards: {out['shards_matched']} matched, {out['shards_processed']} processed "
+              f"({out['shards_changed']} changed), {out['shards_skipped']} already committed, "
+              f"{len(out['shards_failed'])} failed")
+        print(f"images: {out['images_indexed']} indexed, {out['images_rejected']} rejected"
+              + (": " + ", ".join(f"{k}={v}" for k, v in out["rejected_by_reason"].items())
+                 if out["rejected_by_reason"] else ""))
+        print(f"speed:  {out['images_per_s']} images/s over {out['seconds']} s")
+        print(f"store:  {out['store_images']} images, {out['bytes_per_image']} bytes/image, "
+              f"{out['store_duplicate_ids']} duplicate ids")
+        for f in out["shards_failed"]:
+            print(f"FAILED shard {f['shard']}: {f['error']}", file=sys.stderr)
+        for s in out["shards_incomplete"]:
+            print(f"incomplete shard (truncated?) {s}", file=sys.stderr)
+    if result.plan.todo and not result.committed and (result.failed or result.not_finished):
+        print("error: no shard could be indexed", file=sys.stderr)
+        return 2
+    if result.not_finished:
+        print(f"error: {len(result.not_finished)} shard(s) did not finish; run the same command again",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for ours in ("pipeline", "transforms", "schemas"):  # progress lines; Beam's own chatter stays at WARNING
+        logging.getLogger(ours).setLevel(logging.INFO)
+    if args.command != "index" and rest:
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "index":
+            return _cmd_index(args, rest)
+        if args.command == "inspect":
+            from pipeline.inspect import format_summary, summarize
+
+            s = summarize(args.store)
+            print(json.dumps(s, indent=1) if args.json else format_summary(s))
+            return 0
+        if args.command == "get":
+            from schemas.store import TokenStore
+
+            tokens = TokenStore.open(args.store).get([args.id])[0]
+            if args.out:
+                np.save(args.out, tokens)
+                print(f"wrote {args.out}: float32 {list(tokens.shape)}")
+            else:
+                with np.printoptions(precision=4, threshold=20, edgeitems=3):
+                    print(f"{args.id}: float32 {list(tokens.shape)}\n{tokens}")
+            return 0
+        if args.command == "demo-corpus":
+            from pipeline.demo import build_demo_corpus
+
+            for path in build_demo_corpus(args.out, args.shards):
+                print(path)
+            return 0
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"edje-index {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""``edje-index inspect``: what a store holds, from its metadata, commits and index."""
+
+from __future__ import annotations
+
+import collections
+
+from schemas import layout
+from schemas.index import load_index, read_commits
+from schemas.storage import Location
+from schemas.store import open_metadata
+
+
+def _data_bytes(loc: Location, data_path: str) -> int:
+    """Bytes of array data (chunk files) of one segment, without Zarr metadata."""
+    return sum(loc.du(data_path, name, "c") for name in (layout.TOKENS, layout.SCALES, layout.IDS))
+
+
+def summarize(url: str) -> dict:
+    loc = Location(url)
+    meta = open_metadata(loc)
+    commits = read_commits(loc)
+    index = load_index(loc, commits)
+    model = meta["model"]
+    rejected = collections.Counter()
+    for c in commits.values():
+        rejected.update(c["rejected_by_reason"])
+    images = index.table.num_rows
+    token_bytes = sum(_data_bytes(loc, c["data_path"]) for c in commits.values())
+    index_bytes = loc.du(layout.INDEX)
+    committed_paths = {c["data_path"] for c in commits.values()}
+    uncommitted = [f"{layout.SEGMENTS}/{n}" for n in loc.list(layout.SEGMENTS)
+                   if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in committed_paths]
+    failed = [loc.read_json(layout.FAILED, n) for n in loc.list(layout.FAILED) if n.endswith(".json")]
+    return {
+        "store": url,
+        "images": images,
+        "rows": sum(c["rows"] for c in commits.values()),
+        "segments": len(commits),
+        "tokens_per_image": int(model["tokens_per_image"]),
+        "token_dim": int(model["token_dim"]),
+        "quantization": meta["quantization"],
+        "stored_dtype": meta["token_encoding"]["tokens_dtype"],
+        "token_encoding": meta["token_encoding"],
+        "bytes_per_image": round((token_bytes + index_bytes) / images, 1) if images else None,
+        "bytes": {"token_data": token_bytes, "index": index_bytes, "store_total": loc.du()},
+        "model": {k: model[k] for k in ("backbone", "backbone_kwargs", "backbone_sha256", "random_weights",
+                                        "adapter", "adapter_sha256", "random_adapter", "tokens")},
+        "preprocessing": model["preprocessing"],
+        "id_policy": meta["id_policy"],
+        "samples_read": sum(c["samples_read"] for c in commits.values()),
+        "rejected": dict(sorted(rejected.items())),
+        "rejected_total": sum(rejected.values()),
+        "duplicate_ids": index.duplicates.num_rows,
+        "incomplete_shards": sorted(c["shard"] for c in commits.values() if not c["complete"]),
+        "failed_shards": sorted(f["shard"] for f in failed),
+        "uncommitted_data": uncommitted,
+        "schema_version": meta["schema_version"],
+        "software_version": meta["software_version"],
+    }
+
+
+def format_summary(s: dict) -> str:
+    m = s["model"]
+    lines = [
+        f"store            {s['store']}",
+        f"images           {s['images']} in {s['segments']} segment(s)",
+        f"tokens           {s['tokens_per_image']} x {s['token_dim']} per image, {s['quantization']} "
+        f"(stored as {s['stored_dtype']})",
+        f"bytes/image      {s['bytes_per_image']} (token data + ids + index)",
+        f"backbone         {m['backbone']} sha256 {m['backbone_sha256'][:16]}"
+        + (" RANDOM WEIGHTS" if m["random_weights"] else ""),
+        f"adapter          m={m['adapter']['num_queries']} d={m['adapter']['out_dim']} "
+        f"sha256 {m['adapter_sha256'][:16]}" + (" RANDOM" if m["random_adapter"] else ""),
+        f"preprocessing    {s['preprocessing']}",
+        f"id policy        {s['id_policy']}",
+        f"samples read     {s['samples_read']}, rejected {s['rejected_total']}: "
+        + (", ".join(f"{k}={v}" for k, v in s["rejected"].items()) or "none"),
+        f"duplicate ids    {s['duplicate_ids']}",
+    ]
+    for key in ("incomplete_shards", "failed_shards", "uncommitted_data"):
+        if s[key]:
+            lines.append(f"{key.replace('_', ' '):17s}{len(s[key])}: {', '.join(s[key][:5])}"
+                         + (" ..." if len(s[key]) > 5 else ""))
+    return "\n".join(lines)

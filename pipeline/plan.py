@@ -1,0 +1,74 @@
+"""Planning a job: which shards the pattern names, and which of them need work."""
+
+from __future__ import annotations
+
+import glob as _glob
+from dataclasses import dataclass, field
+
+import fsspec
+from braceexpand import braceexpand
+
+from schemas import layout
+from transforms.index_shard import ShardTask
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Comma lists, brace ranges, globs; local paths or fsspec URLs. Sorted, unique.
+
+    Literal names that do not exist are kept (they are reported as failed
+    shards, so a missing shard is visible, not silently skipped); a glob that
+    matches nothing contributes nothing.
+    """
+    urls: list[str] = []
+    for part in (p.strip() for p in pattern.split(",")):
+        if not part:
+            continue
+        for name in braceexpand(part):
+            if _GLOB_CHARS & set(name):
+                fs, path = fsspec.core.url_to_fs(name)
+                proto = name.split("://", 1)[0] + "://" if "://" in name else ""
+                matches = fs.glob(path)
+                urls += [proto + m if proto else m for m in matches if not fs.isdir(m)]
+            else:
+                urls.append(name)
+    return sorted(dict.fromkeys(urls))
+
+
+def fingerprint(url: str) -> dict:
+    """What identifies the current version of a shard, without reading it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+        ukey = fs.ukey(path)
+    except (FileNotFoundError, PermissionError, OSError):
+        return {"size": None, "ukey": None}
+    return {"size": info.get("size"), "ukey": ukey}
+
+
+@dataclass
+class Plan:
+    todo: list[ShardTask] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # committed, source unchanged
+    changed: list[str] = field(default_factory=list)  # committed, source changed: re-indexed
+    missing_from_corpus: list[str] = field(default_factory=list)  # committed shards the pattern no longer names
+
+
+def plan(urls: list[str], commits: dict[str, dict], force: bool = False) -> Plan:
+    out = Plan()
+    segments = set()
+    for url in urls:
+        seg = layout.segment_name(url)
+        segments.add(seg)
+        fp = fingerprint(url)
+        task = ShardTask(url, seg, fp)
+        old = commits.get(seg)
+        if old is not None and not force:
+            if (old["source"].get("size"), old["source"].get("ukey")) == (fp["size"], fp["ukey"]):
+                out.skipped.append(url)
+                continue
+            out.changed.append(url)
+        out.todo.append(task)
+    out.missing_from_corpus = sorted(c["shard"] for s, c in commits.items() if s not in segments)
+    return out

@@ -1,0 +1,120 @@
+"""What a token store looks like on disk: the single source of truth.
+
+::
+
+    STORE/                         a Zarr v3 group
+      zarr.json                    attributes["edje"] = store metadata (written once, before data)
+      segments/                    Zarr group
+        <segment>.<source>/        one Zarr group per input shard version, one writer
+          tokens  [n, m, d]        float16 (fp16) or int8 (int8); sharded, 1 image per inner chunk
+          scales  [n, m]           float16, int8 only: value = tokens * scales[..., None]
+          ids     [n]              string (vlen-utf8)
+      commits/<segment>.json       commit record: the segment exists for readers only through it
+      rejected/<segment>.parquet   dead-letter rows (schemas.tables.REJECTED_SCHEMA)
+      failed/<segment>.json        a shard that could not be read at all (retried by the next run)
+      index/CURRENT.json           points to the newest id index generation
+      index/ids-<gen>.parquet      id -> (segment, row), sorted by id (schemas.tables.INDEX_SCHEMA)
+      index/duplicates-<gen>.parquet  every id stored more than once
+      _lock                        held by a running job (see pipeline/lock.py)
+
+Names:
+
+* ``<segment>`` is the shard's file stem plus a hash of its full URL, so the
+  same shard always maps to the same segment (retries overwrite, never add).
+* ``<source>`` is a hash of the shard's source fingerprint (size + fsspec
+  ``ukey``: mtime on local disk, ETag on object stores). A shard whose source
+  changes is written to a new data folder; its commit record is then replaced
+  atomically, so readers see either the old rows or the new ones.
+
+Token arrays use Zarr's sharding codec with one shard per segment and one
+image per inner chunk, uncompressed (fp16 tokens barely compress). Any Zarr v3
+reader can read them; because the inner chunks are written in order, each
+shard file is also a plain row-major block of ``n * m * d`` values followed by
+the shard index, which the project's own reader (schemas.store) verifies and
+memory-maps for fast gathers by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "edje"
+
+SEGMENTS = "segments"
+COMMITS = "commits"
+REJECTED = "rejected"
+FAILED = "failed"
+INDEX = "index"
+LOCK = "_lock"
+
+TOKENS = "tokens"
+SCALES = "scales"
+IDS = "ids"
+
+INDEX_POINTER = "CURRENT.json"
+
+# Store metadata fields that must match for a job to write into a store.
+IDENTITY_FIELDS = ("schema_version", "model", "quantization", "id_policy")
+
+
+def short_hash(text: str, n: int = 10) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def segment_name(shard_url: str) -> str:
+    """Deterministic segment name of an input shard."""
+    stem = shard_url.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:80] or "shard"
+    return f"{stem}-{short_hash(shard_url)}"
+
+
+def segment_data_path(segment: str, source_fingerprint: dict) -> str:
+    """Relative path of the data group of one version of a shard."""
+    key = f"{source_fingerprint.get('size')}:{source_fingerprint.get('ukey')}"
+    return f"{SEGMENTS}/{segment}.{short_hash(key, 12)}"
+
+
+def commit_path(segment: str) -> tuple[str, str]:
+    return (COMMITS, f"{segment}.json")
+
+
+def rejected_path(segment: str) -> tuple[str, str]:
+    return (REJECTED, f"{segment}.parquet")
+
+
+def failed_path(segment: str) -> tuple[str, str]:
+    return (FAILED, f"{segment}.json")
+
+
+def array_chunking(rows: int, tokens: int, dim: int) -> dict:
+    """Chunk/shard shapes of a segment's token array (see module docstring)."""
+    rows = max(rows, 1)  # zarr needs a positive shard shape, even for empty segments
+    return {"chunks": (1, tokens, dim), "shards": (rows, tokens, dim)}
+
+
+def identity_of(metadata: dict) -> dict:
+    return {k: metadata.get(k) for k in IDENTITY_FIELDS}
+
+
+def identity_hash(metadata: dict) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(identity_of(metadata), sort_keys=True).encode()).hexdigest()
+
+
+def identity_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity dicts (nested)."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: store has {a!r}, job has {b!r}")
+    return out

@@ -1,0 +1,208 @@
+"""Index one shard end to end: read -> decode -> encode -> write -> commit.
+
+This is the whole per-shard unit of work. The Beam step (pipeline/job.py)
+calls :func:`index_shard` once per shard; benchmarks and tests call it
+directly. It never raises for bad samples (they become dead-letter rows) and
+turns an unreadable shard into a failure record instead of an exception, so a
+runner never retries bad data.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import datetime as dt
+import logging
+import tarfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from schemas import layout
+from schemas.storage import Location
+from transforms.decode import DEFAULT_MAX_PIXELS, DecodeRejected, decode_image
+from transforms.encode import TokenEncoder
+from transforms.shards import Rejection, Sample, ShardReadStats, iter_shard
+from transforms.write import read_rejected, write_rejected, write_segment_data
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    url: str
+    segment: str
+    fingerprint: dict  # {"size": ..., "ukey": ...}; see pipeline/plan.py
+
+    @property
+    def data_path(self) -> str:
+        return layout.segment_data_path(self.segment, self.fingerprint)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """Per-job settings every worker needs (picklable, no I/O)."""
+
+    store: str
+    quantization: str
+    identity_sha256: str
+    id_policy: str = "key"
+    batch_size: int = 32
+    decode_threads: int = 4
+    decode_timeout_s: float = 60.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _rejection_row(task: ShardTask, r: Rejection) -> dict:
+    return {"id": r.id, "shard": task.url, "member": r.member, "stage": r.stage, "reason": r.reason,
+            "error_type": r.error_type, "message": r.message[:2000]}
+
+
+def _decoded(items, pool, encoder: TokenEncoder, settings: IndexSettings):
+    """Decode on the thread pool, ``prefetch`` samples ahead, preserving order."""
+    pp = encoder.model.preprocess
+    prefetch = max(2 * settings.batch_size, 2 * settings.decode_threads)
+    pending: collections.deque = collections.deque()
+
+    def resolve(entry):
+        item, fut = entry
+        if fut is None:
+            return item
+        try:
+            return item, fut.result(timeout=settings.decode_timeout_s)
+        except DecodeRejected as e:
+            return Rejection(item.id, item.member, "decode", e.reason, "DecodeRejected", str(e))
+        except cf.TimeoutError:
+            fut.cancel()
+            return Rejection(item.id, item.member, "decode", "timeout", "TimeoutError",
+                             f"decoding took longer than {settings.decode_timeout_s}s")
+        except Exception as e:  # noqa: BLE001 -- any decoder failure rejects this image only
+            return Rejection(item.id, item.member, "decode", "decode_error", type(e).__name__, str(e) or repr(e))
+
+    for item in items:
+        if isinstance(item, Sample):
+            pending.append((item, pool.submit(decode_image, item.data, pp, settings.max_pixels)))
+        else:
+            pending.append((item, None))
+        while len(pending) > prefetch:
+            yield resolve(pending.popleft())
+    while pending:
+        yield resolve(pending.popleft())
+
+
+def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings) -> dict:
+    """Index one shard into ``settings.store``; returns its commit (or failure) record."""
+    loc = Location(settings.store)
+    t0 = time.perf_counter()
+    stats = ShardReadStats()
+    rejected: list[dict] = []
+    ids: list[str] = []
+    values_parts: list[np.ndarray] = []
+    scales_parts: list[np.ndarray] = []
+    batch_ids: list[str] = []
+    batch_members: list[str] = []
+    batch_pixels: list[np.ndarray] = []
+    encode_s = 0.0
+
+    def flush():
+        nonlocal encode_s
+        if not batch_pixels:
+            return
+        te = time.perf_counter()
+        values, scales, finite = encoder(np.stack(batch_pixels))
+        encode_s += time.perf_counter() - te
+        keep = np.flatnonzero(finite)
+        for i in np.flatnonzero(~finite):
+            rejected.append(_rejection_row(task, Rejection(
+                batch_ids[i], batch_members[i], "encode", "non_finite_tokens", "NonFiniteTokens",
+                f"the model produced NaN/inf tokens (or values beyond {settings.quantization}'s range)")))
+        values_parts.append(values[keep])
+        if scales is not None:
+            scales_parts.append(scales[keep])
+        ids.extend(batch_ids[i] for i in keep)
+        batch_ids.clear(), batch_members.clear(), batch_pixels.clear()
+
+    try:
+        with cf.ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as pool:
+            for out in _decoded(iter_shard(task.url, settings.id_policy, stats), pool, encoder, settings):
+                if isinstance(out, Rejection):
+                    rejected.append(_rejection_row(task, out))
+                    continue
+                sample, pixels = out
+                batch_ids.append(sample.id)
+                batch_members.append(sample.member)
+                batch_pixels.append(pixels)
+                if len(batch_pixels) == settings.batch_size:
+                    flush()
+            flush()
+    except (OSError, EOFError, tarfile.TarError) as e:
+        if stats.samples_read or ids:
+            raise  # damage after the shard started is handled inside iter_shard; anything else is a bug
+        return _fail(loc, task, e)
+    read_s = time.perf_counter() - t0
+
+    m, d = encoder.model.identity["tokens_per_image"], encoder.model.identity["token_dim"]
+    empty = np.zeros((0, m, d), dtype=np.int8 if settings.quantization == "int8" else np.float16)
+    values = np.concatenate(values_parts) if values_parts else empty
+    scales = None
+    if settings.quantization == "int8":
+        scales = np.concatenate(scales_parts) if scales_parts else np.zeros((0, m), dtype=np.float16)
+
+    tw = time.perf_counter()
+    checksums = write_segment_data(loc, task.data_path, ids, values, scales, settings.quantization)
+    write_rejected(loc, task.segment, rejected)
+    write_s = time.perf_counter() - tw
+
+    by_reason = collections.Counter(r["reason"] for r in rejected)
+    record = {
+        "schema_version": layout.SCHEMA_VERSION,
+        "software_version": SOFTWARE_VERSION,
+        "segment": task.segment,
+        "data_path": task.data_path,
+        "shard": task.url,
+        "source": {**task.fingerprint, "bytes_read": stats.size, "sha256": stats.sha256},
+        "identity_sha256": settings.identity_sha256,
+        "quantization": settings.quantization,
+        "rows": len(ids),
+        "samples_read": stats.samples_read,
+        "indexed": len(ids),
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "extra_image_members": stats.extra_image_members,
+        "complete": stats.complete,
+        "incomplete_reason": stats.incomplete_reason,
+        "checksums": checksums,
+        "token_bytes": int(values.nbytes + (0 if scales is None else scales.nbytes)),
+        "timings_s": {"read_decode_encode": round(read_s, 4), "encode": round(encode_s, 4),
+                      "write": round(write_s, 4), "total": round(time.perf_counter() - t0, 4)},
+        "committed_at": _now(),
+    }
+    if record["samples_read"] != record["indexed"] + record["rejected"]:
+        raise RuntimeError(f"accounting error in {task.url}: {record['samples_read']} read, "
+                           f"{record['indexed']} indexed, {record['rejected']} rejected")
+    old = loc.read_json(*layout.commit_path(task.segment)) if loc.exists(*layout.commit_path(task.segment)) else None
+    loc.write_json_atomic(record, *layout.commit_path(task.segment))  # the commit point
+    loc.remove(*layout.failed_path(task.segment))
+    if old and old.get("data_path") != task.data_path:
+        loc.remove(old["data_path"])  # the source changed: the old rows are no longer visible
+    log.info("committed %s: %d indexed, %d rejected, %.1f images/s", task.url, len(ids), record["rejected"],
+             len(ids) / max(record["timings_s"]["total"], 1e-9))
+    return record
+
+
+def _fail(loc: Location, task: ShardTask, e: Exception) -> dict:
+    record = {"segment": task.segment, "shard": task.url, "failed": True, "error_type": type(e).__name__,
+              "message": str(e) or repr(e), "failed_at": _now()}
+    loc.write_json_atomic(record, *layout.failed_path(task.segment))
+    log.warning("shard %s could not be read: %s: %s", task.url, record["error_type"], record["message"])
+    return record
+
+
+__all__ = ["IndexSettings", "ShardTask", "index_shard", "read_rejected"]
