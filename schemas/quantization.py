@@ -7,10 +7,10 @@ produced the tokens); readers decode with :func:`decode` (numpy) or
 * ``fp16``: tokens cast to float16. Values outside float16's range are an
   error for the caller to handle (the writer rejects such an image).
 * ``int8``: symmetric absmax quantization with one float16 scale per token:
-  ``scale = fp16(max|x| / 127)``, ``q = clamp(round(x / scale), -127, 127)``.
-  The quotient uses the *rounded* fp16 scale, so ``q * scale`` is exactly what
-  a reader reconstructs and the error per value is at most ``scale / 2``
-  (plus the fp16 rounding of the scale itself, relative 2**-11).
+  ``scale`` = the smallest float16 >= ``max|x| / 127`` (rounded *up*, so no
+  value needs clamping), ``q = round(x / scale)`` in [-127, 127]. The quotient
+  uses the stored fp16 scale, so ``q * scale`` is exactly what a reader
+  reconstructs and the error per value is at most ``scale / 2``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,12 @@ def encode(x, quantization: str):
     x = x.float()
     if quantization == "fp16":
         return x.to(torch.float16), None
-    scale = (x.abs().amax(dim=-1) / INT8_MAX).to(torch.float16)
+    exact = x.abs().amax(dim=-1) / INT8_MAX
+    scale = exact.to(torch.float16)
+    # Round the scale up to the next float16 where casting rounded it down:
+    # positive float16 values order like their bit patterns.
+    low = scale.float() < exact
+    scale = torch.where(low, (scale.view(torch.int16) + 1).view(torch.float16), scale)
     s = scale.float().unsqueeze(-1)
     # A token that is all zeros has scale 0; any value divides to 0 there.
     q = torch.where(s > 0, x / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x))

@@ -89,8 +89,11 @@ def _build_backbone(spec: ModelSpec) -> torch.nn.Module:
         torch.manual_seed(spec.seed)
         return timm.create_model(spec.backbone, pretrained=False, num_classes=0, **kwargs)
     # Pretrained weights from the local cache only: indexing must never download.
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    # huggingface_hub reads HF_HUB_OFFLINE once at import, so set its constant too.
+    from huggingface_hub import constants as hf_constants
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hf_constants.HF_HUB_OFFLINE = "1", True
     try:
         return timm.create_model(spec.backbone, pretrained=True, num_classes=0, **kwargs)
     except Exception as e:
@@ -100,10 +103,11 @@ def _build_backbone(spec: ModelSpec) -> torch.nn.Module:
             f"pretrained=True) where there is network), or use --random-weights for tests"
         ) from e
     finally:
-        if old is None:
+        hf_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = old
+            os.environ["HF_HUB_OFFLINE"] = old_env
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
@@ -217,4 +221,6 @@ class TokenEncoder:
         finite = torch.isfinite(y).flatten(1).all(dim=1)
         if self.quantization == "fp16":
             finite &= torch.isfinite(values).flatten(1).all(dim=1)  # overflow past fp16's range
+        else:
+            finite &= torch.isfinite(scales).flatten(1).all(dim=1)
         return (values.cpu().numpy(), None if scales is None else scales.cpu().numpy(), finite.cpu().numpy())

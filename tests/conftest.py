@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny shards built from packaged photos, and the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.demo import packaged_photos
+
+
+def image_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[tuple[str, Image.Image]]:
+    """A few real photos, downsized so tests stay fast."""
+    out = []
+    for name, path in packaged_photos()[:8]:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((160, 160))
+            out.append((name, im.copy()))
+    return out
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> str:
+    """A tar with exactly these members, in this order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path, photos):
+    """3 shards of 4 samples each (jpg/png/webp), plus one bad sample in shard 1.
+
+    Returns (pattern, {id: image bytes}, list of bad ids).
+    """
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    formats = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")]
+    images = {}
+    for s in range(3):
+        members = []
+        for i in range(4):
+            name, im = photos[(s * 4 + i) % len(photos)]
+            ext, fmt = formats[(s + i) % 3]
+            key = f"s{s}-{i:03d}-{name}"
+            data = image_bytes(im.rotate(15 * i) if s else im, fmt)
+            images[key] = data
+            members += [(f"{key}.{ext}", data), (f"{key}.json", json.dumps({"n": i}).encode())]
+        if s == 1:
+            members.append(("s1-bad.jpg", b"\xff\xd8\xff not really a jpeg"))
+        write_tar(folder / f"shard-{s:06d}.tar", members)
+    return str(folder / "shard-{000000..000002}.tar"), images, ["s1-bad"]

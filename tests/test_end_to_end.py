@@ -1,0 +1,203 @@
+"""The real job on the local runner, checked against the model run directly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from pipeline.cli import main
+from pipeline.presets import PRESETS
+from schemas import TokenStore
+from transforms import TokenEncoder, decode_image, load_model
+
+TINY = ["--preset", "tiny", "--batch-size", "3"]
+
+
+@pytest.fixture(scope="module")
+def reference_encoder():
+    return TokenEncoder(load_model(PRESETS["tiny"]), "fp16")
+
+
+def reference_tokens(encoder: TokenEncoder, data: bytes) -> np.ndarray:
+    pixels = decode_image(data, encoder.model.preprocess)
+    return encoder.encode_float(pixels[None].copy()).numpy()[0]
+
+
+def run_index(pattern, store, *extra) -> int:
+    return main(["index", "--input", pattern, "--store", store, *TINY, *extra])
+
+
+def stored_by_plain_zarr(store: str) -> dict[str, np.ndarray]:
+    """id -> stored values, reading only with zarr and the commit records."""
+    out = {}
+    for name in sorted(os.listdir(os.path.join(store, "commits"))):
+        rec = json.load(open(os.path.join(store, "commits", name)))
+        group = zarr.open_group(os.path.join(store, rec["data_path"]), mode="r")
+        ids = group["ids"][:]
+        tokens = group["tokens"][:]
+        assert tokens.shape == (rec["rows"], 64, 384) and len(ids) == rec["rows"]
+        for i, t in zip(ids, tokens):
+            out[str(i)] = t
+    return out
+
+
+def test_end_to_end_tokens_match_the_model(tmp_path, corpus, reference_encoder):
+    pattern, images, bad = corpus
+    store = str(tmp_path / "store")
+    assert run_index(pattern, store) == 0
+
+    root = zarr.open_group(store, mode="r")
+    meta = root.attrs["edje"]
+    assert meta["quantization"] == "fp16" and meta["model"]["tokens_per_image"] == 64
+    assert meta["model"]["backbone_sha256"] == reference_encoder.model.identity["backbone_sha256"]
+
+    stored = stored_by_plain_zarr(store)
+    assert set(stored) == set(images)
+    for image_id, data in images.items():
+        ref = reference_tokens(reference_encoder, data)
+        got = stored[image_id]
+        assert got.dtype == np.float16
+        # fp16 rounding (half an ulp, 2**-11 relative) plus batch-vs-single float noise
+        np.testing.assert_allclose(got.astype(np.float32), ref, rtol=2e-3, atol=1e-4)
+
+    # every sample is accounted for: stored, or in a dead-letter table
+    rejected = pq.read_table(os.path.join(store, "rejected")).to_pylist()
+    assert [r["id"] for r in rejected] == bad
+    assert rejected[0]["stage"] == "decode" and rejected[0]["shard"].endswith("shard-000001.tar")
+    assert rejected[0]["member"] == "s1-bad.jpg" and rejected[0]["message"]
+
+    # the project's reader agrees with plain zarr, and decodes to float32
+    ts = TokenStore.open(store)
+    ids = sorted(images)
+    assert len(ts) == len(images) and sorted(ts.ids()) == ids
+    np.testing.assert_array_equal(ts.get(ids), np.stack([stored[i] for i in ids]).astype(np.float32))
+
+
+def test_multiprocess_runner_gives_identical_store(tmp_path, corpus):
+    pattern, images, _ = corpus
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_index(pattern, a) == 0
+    assert run_index(pattern, b, "--direct_num_workers=2", "--direct_running_mode=multi_processing") == 0
+    sa, sb = stored_by_plain_zarr(a), stored_by_plain_zarr(b)
+    assert sa.keys() == sb.keys() == images.keys()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k])  # re-indexing reproduces tokens bit for bit
+
+
+def test_int8_store_and_inspect(tmp_path, corpus, capsys):
+    pattern, images, _ = corpus
+    f16, i8 = str(tmp_path / "f16"), str(tmp_path / "i8")
+    assert run_index(pattern, f16) == 0
+    assert run_index(pattern, i8, "--quantize", "int8") == 0
+    capsys.readouterr()
+    assert main(["inspect", i8, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("images", "segments", "tokens_per_image", "token_dim", "quantization", "bytes_per_image", "rejected"):
+        assert key in info
+    assert (info["images"], info["segments"], info["tokens_per_image"], info["token_dim"]) == (12, 3, 64, 384)
+    assert info["quantization"] == "int8" and info["stored_dtype"] == "int8"
+    assert 24_704 <= info["bytes_per_image"] <= 25_500
+    assert info["rejected"] == {"decode_error": 1}
+
+    ids = sorted(images)
+    full, small = TokenStore.open(f16).get(ids), TokenStore.open(i8).get(ids)
+    values, scales = TokenStore.open(i8).get_raw(ids)
+    assert values.dtype == np.int8 and scales.shape == (12, 64)
+    bound = scales.astype(np.float32)[..., None] * 0.51 + np.abs(full) * 2e-3 + 1e-6
+    assert (np.abs(full - small) <= bound).all()
+
+
+def test_inspect_and_get_fp16(tmp_path, corpus, capsys):
+    pattern, images, _ = corpus
+    store = str(tmp_path / "store")
+    assert run_index(pattern, store) == 0
+    capsys.readouterr()
+    assert main(["inspect", store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bytes_per_image"] <= 50_000 and info["samples_read"] == 13
+    out = str(tmp_path / "t.npy")
+    first = sorted(images)[0]
+    assert main(["get", store, first, "--out", out]) == 0
+    arr = np.load(out)
+    assert arr.dtype == np.float32 and arr.shape == (64, 384)
+    assert main(["get", store, "no-such-id"]) == 2
+    assert "unknown image id 'no-such-id'" in capsys.readouterr().err
+
+
+def test_rerun_skips_committed_shards(tmp_path, corpus, capsys):
+    pattern, _, _ = corpus
+    store = str(tmp_path / "store")
+    assert run_index(pattern, store) == 0
+    before = {n: os.path.getmtime(os.path.join(store, "commits", n)) for n in os.listdir(os.path.join(store, "commits"))}
+    capsys.readouterr()
+    assert run_index(pattern, store, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards_skipped"] == 3 and summary["shards_processed"] == 0 and summary["images_indexed"] == 0
+    after = {n: os.path.getmtime(os.path.join(store, "commits", n)) for n in os.listdir(os.path.join(store, "commits"))}
+    assert before == after
+
+
+def _listing(root):
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                  for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--quantize", "int8"], "quantization: store has 'fp16', job has 'int8'"),
+    (["--id-policy", "shard-key"], "id_policy"),
+    (["--no-jpeg-draft"], "jpeg_draft"),
+])
+def test_model_or_settings_mismatch_is_refused_before_writing(tmp_path, corpus, capsys, extra, needle):
+    pattern, _, _ = corpus
+    store = str(tmp_path / "store")
+    first = pattern.replace("{000000..000002}", "000000")
+    assert run_index(first, store) == 0
+    before = _listing(store)
+    capsys.readouterr()
+    assert run_index(pattern, store, *extra) == 2
+    err = capsys.readouterr().err
+    assert "refusing to write" in err and needle in err
+    assert _listing(store) == before
+
+
+def test_other_backbone_is_refused(tmp_path, corpus, capsys):
+    pattern, _, _ = corpus
+    store = str(tmp_path / "store")
+    assert run_index(pattern, store) == 0
+    before = _listing(store)
+    rc = main(["index", "--input", pattern, "--store", store, "--backbone", "vit_tiny_patch16_224",
+               "--random-weights", "--random-adapter", "--batch-size", "3"])
+    assert rc == 2 and "model.backbone_kwargs" in capsys.readouterr().err
+    assert _listing(store) == before
+
+
+def test_zero_matches_is_an_error(tmp_path, capsys):
+    rc = main(["index", "--input", str(tmp_path / "nothing-*.tar"), "--store", str(tmp_path / "s"), *TINY])
+    assert rc == 2 and "matched no shards" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_cuda_requested_without_gpu_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal only applies without one")
+    with pytest.raises(RuntimeError, match="requested but torch sees no CUDA GPU"):
+        TokenEncoder(load_model(PRESETS["tiny"]), "fp16", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_path_runs_on_the_gpu(reference_encoder, corpus):
+    _, images, _ = corpus
+    enc = TokenEncoder(load_model(PRESETS["tiny"]), "fp16", device="cuda")
+    batch = np.stack([decode_image(d, enc.model.preprocess) for d in images.values()])
+    assert enc.encode_float(batch).is_cuda
+    values, _, finite = enc(batch)
+    ref = reference_encoder.encode_float(batch).numpy()
+    assert finite.all()
+    np.testing.assert_allclose(values.astype(np.float32), ref, rtol=0.05, atol=0.02)  # bf16 autocast
