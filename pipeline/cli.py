@@ -52,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("id")
     g.add_argument("--out", help="write a .npy file instead of printing")
 
+    v = sub.add_parser("verify", help="check a store's integrity; exit 1 on any problem")
+    v.add_argument("store")
+    v.add_argument("--deep", action="store_true", help="recompute the checksums of all token data")
+    v.add_argument("--repair", action="store_true", help="remove uncommitted leftovers (takes the store lock)")
+    v.add_argument("--json", action="store_true")
+
+    rm = sub.add_parser("remove", help="remove committed shards from a store (explicitly)")
+    rm.add_argument("store")
+    rm.add_argument("--missing", action="store_true", help="every shard whose source no longer exists")
+    rm.add_argument("--shard", action="append", default=[], help="a shard URL as recorded in its commit")
+
     d = sub.add_parser("demo-corpus", help="write the built-in demo corpus (packaged sample photos)")
     d.add_argument("out")
     d.add_argument("--shards", type=int, default=3)
@@ -99,6 +110,54 @@ def _cmd_index(args, beam_args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from pipeline.lock import StoreLock
+    from pipeline.maintenance import remove_uncommitted
+    from pipeline.verify import verify
+    from schemas import Location, read_commits
+
+    removed = []
+    if args.repair:
+        loc = Location(args.store)
+        with StoreLock(loc).acquire():
+            removed = remove_uncommitted(loc, read_commits(loc))
+    report = verify(args.store, deep=args.deep)
+    report["repaired"] = removed
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for rel in removed:
+            print(f"removed {rel}")
+        for p in report["problems"]:
+            print(f"PROBLEM {p}")
+        for w in report["warnings"]:
+            print(f"warning {w}")
+        print(f"{'ok' if report['ok'] else 'DAMAGED'}: {report['segments']} segment(s) checked"
+              f"{' (deep)' if args.deep else ''}")
+    return 0 if report["ok"] else 1
+
+
+def _cmd_remove(args) -> int:
+    from pipeline.lock import StoreLock
+    from pipeline.maintenance import missing_sources, remove_segments
+    from schemas import Location, read_commits
+
+    loc = Location(args.store)
+    with StoreLock(loc).acquire():
+        commits = read_commits(loc)
+        by_shard = {c["shard"]: s for s, c in commits.items()}
+        shards = list(args.shard) + (missing_sources(commits) if args.missing else [])
+        unknown = [s for s in shards if s not in by_shard]
+        if unknown:
+            raise ValueError(f"not committed in this store: {', '.join(unknown)}")
+        if not shards:
+            raise ValueError("nothing to remove: pass --missing or --shard URL")
+        remove_segments(loc, [by_shard[s] for s in shards])
+    for s in shards:
+        print(f"removed {s}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -127,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                 with np.printoptions(precision=4, threshold=20, edgeitems=3):
                     print(f"{args.id}: float32 {list(tokens.shape)}\n{tokens}")
             return 0
+        if args.command == "verify":
+            return _cmd_verify(args)
+        if args.command == "remove":
+            return _cmd_remove(args)
         if args.command == "demo-corpus":
             from pipeline.demo import build_demo_corpus
 

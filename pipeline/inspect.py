@@ -30,6 +30,8 @@ def summarize(url: str) -> dict:
     committed_paths = {c["data_path"] for c in commits.values()}
     uncommitted = [f"{layout.SEGMENTS}/{n}" for n in loc.list(layout.SEGMENTS)
                    if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in committed_paths]
+    from pipeline.maintenance import missing_sources
+
     failed = [loc.read_json(layout.FAILED, n) for n in loc.list(layout.FAILED) if n.endswith(".json")]
     return {
         "store": url,
@@ -53,6 +55,7 @@ def summarize(url: str) -> dict:
         "duplicate_ids": index.duplicates.num_rows,
         "incomplete_shards": sorted(c["shard"] for c in commits.values() if not c["complete"]),
         "failed_shards": sorted(f["shard"] for f in failed),
+        "missing_shards": missing_sources(commits),
         "uncommitted_data": uncommitted,
         "schema_version": meta["schema_version"],
         "software_version": meta["software_version"],
@@ -77,7 +80,7 @@ def format_summary(s: dict) -> str:
         + (", ".join(f"{k}={v}" for k, v in s["rejected"].items()) or "none"),
         f"duplicate ids    {s['duplicate_ids']}",
     ]
-    for key in ("incomplete_shards", "failed_shards", "uncommitted_data"):
+    for key in ("incomplete_shards", "failed_shards", "missing_shards", "uncommitted_data"):
         if s[key]:
             lines.append(f"{key.replace('_', ' '):17s}{len(s[key])}: {', '.join(s[key][:5])}"
                          + (" ..." if len(s[key]) > 5 else ""))

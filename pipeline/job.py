@@ -23,10 +23,11 @@ from pipeline.lock import StoreLock
 from pipeline.plan import Plan, expand_pattern, plan
 from schemas import layout, quantization
 from schemas.index import load_index, read_commits, write_index
+from pipeline.maintenance import remove_uncommitted
 from schemas.storage import Location
 from schemas.store import open_metadata
 from transforms.encode import ModelSpec, TokenEncoder, load_model_cached
-from transforms.index_shard import SOFTWARE_VERSION, IndexSettings, ShardTask, index_shard
+from transforms.indexer import SOFTWARE_VERSION, IndexSettings, ShardTask, index_shard
 from transforms.shards import check_id_policy
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,11 @@ def run_job(cfg: JobConfig) -> JobResult:
         seconds = time.perf_counter() - t0
         commits = read_commits(loc)
         index = load_index(loc, commits)
-        if not loc.exists(layout.INDEX, layout.INDEX_POINTER) or the_plan.todo:
+        if not index.published:
             index = write_index(loc, index)
+        removed = remove_uncommitted(loc, commits)
+        if removed:
+            log.info("removed %d uncommitted leftover(s) of earlier attempts: %s", len(removed), ", ".join(removed[:5]))
     committed, failed, not_finished = [], [], []
     for t in the_plan.todo:
         rec = commits.get(t.segment)

@@ -9,7 +9,7 @@ import fsspec
 from braceexpand import braceexpand
 
 from schemas import layout
-from transforms.index_shard import ShardTask
+from transforms.indexer import ShardTask
 
 _GLOB_CHARS = set("*?[")
 

@@ -44,6 +44,7 @@ class IdIndex:
     duplicates: pa.Table  # DUPLICATES_SCHEMA
     covered: dict[str, str]  # segment -> data_path the table reflects
     generation: int
+    published: bool = False  # True when this is exactly the stored generation (nothing patched in)
 
 
 def _pointer(loc: Location) -> dict | None:
@@ -72,7 +73,7 @@ def load_index(loc: Location, commits: dict[str, dict]) -> IdIndex:
     stale = [s for s, p in covered.items() if current.get(s) != p]
     fresh = [s for s, p in current.items() if covered.get(s) != p]
     if not stale and not fresh and ptr:
-        return IdIndex(base, dups, covered, generation)
+        return IdIndex(base, dups, covered, generation, published=True)
     if stale:
         rows = rows.filter(pc.invert(pc.is_in(rows["segment"], pa.array(stale, pa.string()))))
     parts = [rows]
@@ -124,4 +125,4 @@ def write_index(loc: Location, index: IdIndex) -> IdIndex:
     for name in loc.list(layout.INDEX):
         if name.endswith(".parquet") and name not in names.values():
             loc.remove(layout.INDEX, name)
-    return IdIndex(index.table, index.duplicates, index.covered, gen)
+    return IdIndex(index.table, index.duplicates, index.covered, gen, published=True)

@@ -3,7 +3,7 @@
 from transforms.adapter import AdapterConfig, EDJEAdapter, load_adapter_state
 from transforms.decode import DecodeRejected, Preprocess, decode_image
 from transforms.encode import LoadedModel, ModelSpec, TokenEncoder, load_model, load_model_cached
-from transforms.index_shard import IndexSettings, ShardTask, index_shard
+from transforms.indexer import IndexSettings, ShardTask, index_shard
 from transforms.shards import IMAGE_EXTENSIONS, Rejection, Sample, ShardReadStats, iter_shard
 
 __all__ = ["AdapterConfig", "DecodeRejected", "EDJEAdapter", "IMAGE_EXTENSIONS", "IndexSettings", "LoadedModel",

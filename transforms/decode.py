@@ -12,7 +12,7 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Never accept truncated images: a truncated JPEG is rejected, not padded grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -95,7 +95,15 @@ def decode_image(data: bytes, pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXE
     with warnings.catch_warnings():
         # Pillow's DecompressionBombWarning is replaced by the explicit check below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))  # reads the header only
+        try:
+            im = Image.open(io.BytesIO(data))  # reads the header only
+        except Image.DecompressionBombError as e:
+            # Over twice Pillow's MAX_IMAGE_PIXELS, Image.open itself refuses (before our check below).
+            raise DecodeRejected("too_many_pixels", f"declared size refused from the header: {e}") from None
+        except UnidentifiedImageError:
+            # Pillow's message names the BytesIO object (a memory address); say what the bytes were.
+            raise UnidentifiedImageError(
+                f"not an image format Pillow can read ({len(data)} bytes starting {data[:8]!r})") from None
         w, h = im.size
         if w * h > max_pixels:
             raise DecodeRejected("too_many_pixels", f"declared size {w}x{h} exceeds the {max_pixels}-pixel limit")

@@ -4,7 +4,10 @@ Members are grouped into samples the way WebDataset does it (consecutive
 members sharing a key, ``webdataset.tariterators.base_plus_ext``: the key is
 the member path up to the first dot of the file name). Errors are counted
 here, per shard, by reason: nothing relies on webdataset's handlers (which
-sleep) or on Python's warning deduplication.
+sleep) or on Python's warning deduplication. The tar stream is read here too
+(as ``webdataset.tariterators.tar_file_iterator`` does), so that the offset
+where it ended is known: ``tarfile`` ends an archive silently at an invalid
+header, which must not pass for a complete shard.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 # The image member of a sample is the first of these extensions it has; any
 # other image members are ignored (counted as ``extra_image_members``).
@@ -71,6 +75,7 @@ class _HashingReader(io.RawIOBase):
         self.size = 0
         self.head = b""
         self.tail = b""
+        self.last_nonzero = -1  # offset of the last non-zero byte read
 
     def readable(self):
         return True
@@ -79,6 +84,9 @@ class _HashingReader(io.RawIOBase):
         b = self._f.read(n)
         if b:
             self.sha.update(b)
+            used = len(b.rstrip(b"\0"))
+            if used:
+                self.last_nonzero = self.size + used - 1
             self.size += len(b)
             if len(self.head) < 4:
                 self.head = (self.head + b)[:4]
@@ -99,13 +107,37 @@ def shard_stem(url: str) -> str:
 
 
 def _image_member(members: dict[str, str]) -> str | None:
+    """The extension key (e.g. ``v2.final.jpg``) of the sample's image member, or None."""
     by_last = {}
-    for ext, name in members.items():
-        by_last.setdefault(ext.rsplit(".", 1)[-1].lower(), name)
+    for ext in members:
+        by_last.setdefault(ext.rsplit(".", 1)[-1].lower(), ext)
     for ext in IMAGE_EXTENSIONS:
         if ext in by_last:
-            return ext
+            return by_last[ext]
     return None
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
+
+
+def _tar_members(fileobj, state: dict) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular members of a tar stream, in order.
+
+    Sets ``state["opened"]`` once the first header was read (``tarfile.open``
+    raises before that if the stream is not a tar at all), and on a clean end
+    ``state["end_offset"]`` (uncompressed offset where the stream stopped) and
+    ``state["comptype"]``.
+    """
+    stream = tarfile.open(fileobj=fileobj, mode="r|*")
+    state["opened"] = True
+    state["comptype"] = getattr(stream.fileobj, "comptype", "tar")
+    for info in stream:
+        name = info.name
+        if info.isreg() and not _META.match(name) and not (
+                "/" not in name and name.startswith("__") and name.endswith("__")):
+            yield name, stream.extractfile(info).read()
+        stream.members = []
+    state["end_offset"] = stream.offset
 
 
 def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Sample | Rejection]:
@@ -154,14 +186,10 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
         members: dict[str, str] = {}
         datas: dict[str, bytes] = {}
         errors: list[Exception] = []
-
-        def on_member_error(exn: Exception) -> bool:
-            errors.append(exn)
-            return False  # a damaged member ends the tar stream: stop reading
+        state: dict = {}
 
         try:
-            for item in tar_file_iterator(reader, handler=on_member_error):
-                name = item["fname"]
+            for name, data in _tar_members(reader, state):
                 key, ext = base_plus_ext(name)
                 if key is None:
                     continue  # a member without an extension belongs to no sample (WebDataset's rule)
@@ -171,11 +199,11 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
                         yield finish(current, members, datas)
                     current, members, datas = key, {}, {}
                 members[ext] = name
-                datas[name] = item["data"]
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            if stats.samples_read == 0 and current is None:
-                raise
-            errors.append(e)
+                datas[name] = data
+        except (tarfile.TarError, EOFError, OSError) as e:
+            if not state.get("opened"):
+                raise  # not a tar at all, or unreadable: a failed shard
+            errors.append(e)  # damage after the first header: the shard ends here, incomplete
         if errors:
             stats.complete = False
             stats.incomplete_reason = f"{type(errors[0]).__name__}: {errors[0]}"
@@ -186,10 +214,16 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
             reader.drain()
         except OSError:
             pass
-        if not errors and reader.head[:2] != b"\x1f\x8b" and reader.size and any(reader.tail[-1024:]):
+        if not errors and state.get("comptype") == "tar" and reader.size and any(reader.tail[-1024:]):
             # A tar cut exactly at a member boundary reads cleanly; only the
             # missing end-of-archive blocks (1024 zero bytes) give it away.
             stats.complete = False
             stats.incomplete_reason = "no end-of-archive marker: the tar looks truncated"
+        elif not errors and state.get("comptype") == "tar" and reader.last_nonzero >= state.get("end_offset", 0):
+            # tarfile also ends silently at an invalid header after the first:
+            # data after the point where it stopped means members were skipped.
+            stats.complete = False
+            stats.incomplete_reason = (f"invalid tar header at byte {state['end_offset']}: the "
+                                       f"{reader.size - state['end_offset']} bytes after it were not read")
         stats.size = reader.size
         stats.sha256 = reader.sha.hexdigest()

@@ -1,0 +1,53 @@
+"""Store upkeep that only the launcher (holding the store lock) may do."""
+
+from __future__ import annotations
+
+import fsspec
+
+from schemas import layout
+from schemas.index import load_index, read_commits, write_index
+from schemas.storage import Location
+
+_SIDE_FOLDERS = (layout.COMMITS, layout.REJECTED, layout.FAILED, layout.INDEX)
+
+
+def find_uncommitted(loc: Location, commits: dict[str, dict]) -> list[str]:
+    """Relative paths of data no commit record refers to, and interrupted temp files."""
+    referenced = {c["data_path"] for c in commits.values()}
+    out = [f"{layout.SEGMENTS}/{n}" for n in loc.list(layout.SEGMENTS)
+           if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in referenced]
+    for folder in _SIDE_FOLDERS:
+        out += [f"{folder}/{n}" for n in loc.list(folder) if n.startswith(".tmp-")]
+    segments = set(commits)
+    # dead-letter tables of segments that never committed (their shard will be redone)
+    out += [f"{layout.REJECTED}/{n}" for n in loc.list(layout.REJECTED)
+            if n.endswith(".parquet") and n[: -len(".parquet")] not in segments]
+    return sorted(out)
+
+
+def remove_uncommitted(loc: Location, commits: dict[str, dict]) -> list[str]:
+    leftovers = find_uncommitted(loc, commits)
+    for rel in leftovers:
+        loc.remove(*rel.split("/"))
+    return leftovers
+
+
+def missing_sources(commits: dict[str, dict]) -> list[str]:
+    """Committed shards whose source file no longer exists."""
+    out = []
+    for c in commits.values():
+        fs, path = fsspec.core.url_to_fs(c["shard"])
+        if not fs.exists(path):
+            out.append(c["shard"])
+    return sorted(out)
+
+
+def remove_segments(loc: Location, segments: list[str]) -> None:
+    """Remove committed segments: the commit record first, so readers stop seeing them at once."""
+    commits = read_commits(loc)
+    for seg in segments:
+        rec = commits.pop(seg)
+        loc.remove(*layout.commit_path(seg))
+        loc.remove(*rec["data_path"].split("/"))
+        loc.remove(*layout.rejected_path(seg))
+    write_index(loc, load_index(loc, commits))

@@ -1,0 +1,94 @@
+"""``edje-index verify``: check a store against its own commit records."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from pipeline.maintenance import find_uncommitted, missing_sources
+from schemas import layout
+from schemas.index import load_index, read_commits
+from schemas.storage import Location
+from schemas.store import open_metadata
+from transforms.write import ids_checksum, token_checksum
+
+
+def verify(url: str, deep: bool = False) -> dict:
+    """Problems (the store is damaged) and warnings (it is fine but worth knowing)."""
+    loc = Location(url)
+    problems: list[str] = []
+    warnings: list[str] = []
+    meta = open_metadata(loc)
+    m, d = int(meta["model"]["tokens_per_image"]), int(meta["model"]["token_dim"])
+    quant = meta["quantization"]
+    tok_dtype = np.dtype(meta["token_encoding"]["tokens_dtype"])
+    commits = read_commits(loc)
+    for seg, c in sorted(commits.items()):
+        where = f"segment {seg} ({c['shard']})"
+        if c.get("identity_sha256") != layout.identity_hash(meta):
+            problems.append(f"{where}: written by another model or settings than the store's")
+        n = c["rows"]
+        if c["samples_read"] != c["indexed"] + c["rejected"] or c["indexed"] != n:
+            problems.append(f"{where}: counts do not add up (read {c['samples_read']}, indexed {c['indexed']}, "
+                            f"rejected {c['rejected']}, rows {n})")
+        try:
+            group = zarr.open_group(loc.url_of(c["data_path"]), mode="r")
+            arrays = {layout.TOKENS: ((n, m, d), tok_dtype), layout.IDS: ((n,), None)}
+            if quant == "int8":
+                arrays[layout.SCALES] = ((n, m), np.dtype("float16"))
+            for name, (shape, dtype) in arrays.items():
+                arr = group[name]
+                if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
+                    problems.append(f"{where}: {name} is {arr.shape} {arr.dtype}, the commit says {shape} {dtype}")
+            if deep:
+                for name in arrays:
+                    data = group[name][...]
+                    got = ids_checksum(data.tolist()) if name == layout.IDS else token_checksum(data)
+                    if got != c["checksums"].get(name):
+                        problems.append(f"{where}: {name} data does not match the checksum recorded at commit")
+        except (KeyError, FileNotFoundError, ValueError, OSError) as e:
+            problems.append(f"{where}: data unreadable: {type(e).__name__}: {e}")
+        if c["rejected"]:
+            if not loc.exists(*layout.rejected_path(seg)):
+                problems.append(f"{where}: dead-letter table missing ({c['rejected']} rejected samples)")
+            else:
+                rows = pq.read_metadata(io.BytesIO(loc.read_bytes(*layout.rejected_path(seg)))).num_rows
+                if rows != c["rejected"]:
+                    problems.append(f"{where}: dead-letter table has {rows} rows, the commit says {c['rejected']}")
+        if not c["complete"]:
+            warnings.append(f"{where}: shard was incomplete when read ({c['incomplete_reason']})")
+
+    if not loc.exists(layout.INDEX, layout.INDEX_POINTER):
+        problems.append("no id index (index/CURRENT.json): run the same index command again to finalize")
+    else:
+        index = load_index(loc, commits)
+        if not index.published:
+            problems.append("the id index does not cover every committed segment: run the index command again")
+        total = index.table.num_rows + index.duplicates.num_rows
+        if total != sum(c["rows"] for c in commits.values()):
+            problems.append(f"the id index holds {total} rows, the segments {sum(c['rows'] for c in commits.values())}")
+        elif deep:
+            for seg, c in commits.items():
+                stored = zarr.open_group(loc.url_of(c["data_path"]), mode="r")[layout.IDS][...]
+                part = index.table.filter(np.asarray(index.table["segment"].to_numpy(zero_copy_only=False) == seg))
+                rows = part["row"].to_numpy()
+                if (rows >= len(stored)).any() or list(stored[rows]) != part["id"].to_pylist():
+                    problems.append(f"the id index disagrees with the ids stored in segment {seg}")
+        if index.duplicates.num_rows:
+            warnings.append(f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "
+                            f"(listed in index/{json.loads(loc.read_bytes(layout.INDEX, layout.INDEX_POINTER))['duplicates']})")
+    leftovers = find_uncommitted(loc, commits)
+    if leftovers:
+        problems.append(f"{len(leftovers)} uncommitted leftover(s) (run 'verify --repair'): {', '.join(leftovers[:5])}")
+    gone = missing_sources(commits)
+    if gone:
+        warnings.append(f"{len(gone)} committed shard(s) no longer exist in the corpus (remove them with "
+                        f"'edje-index remove STORE --missing'): {', '.join(gone[:5])}")
+    if loc.exists(layout.LOCK):
+        warnings.append("a job holds (or held) the store lock; results may change while it runs")
+    return {"store": url, "segments": len(commits), "deep": deep, "ok": not problems,
+            "problems": problems, "warnings": warnings}

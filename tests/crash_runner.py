@@ -1,0 +1,76 @@
+"""Runs ``edje-index`` in this process and SIGKILLs it at a chosen point.
+
+Usage: python tests/crash_runner.py POINT N -- edje-index arguments...
+POINT is where to die, the N-th time it is reached:
+  read    while reading a shard (after its first samples were decoded)
+  write   while writing a segment (tokens written, ids not yet)
+  commit  between data and commit (the commit record's temp file written, not renamed)
+  index   after every shard committed, before the id index is published
+"""
+
+import os
+import signal
+import sys
+
+import pipeline.job
+import schemas.storage
+import transforms.indexer
+import transforms.write
+from pipeline.cli import main
+
+point, nth = sys.argv[1], int(sys.argv[2])
+argv = sys.argv[sys.argv.index("--") + 1:]
+hits = {"n": 0}
+
+
+def maybe_die():
+    hits["n"] += 1
+    if hits["n"] == nth:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if point == "read":
+    original_iter = transforms.indexer.iter_shard
+
+    def iter_shard(*a, **kw):
+        for i, item in enumerate(original_iter(*a, **kw)):
+            if i == 2:
+                maybe_die()
+            yield item
+
+    transforms.indexer.iter_shard = iter_shard
+elif point == "write":
+    original_ids = transforms.write.ids_checksum
+
+    def ids_checksum(ids):
+        maybe_die()
+        return original_ids(ids)
+
+    transforms.write.ids_checksum = ids_checksum
+elif point == "commit":
+    original_replace = schemas.storage.os.replace
+
+    class _Os:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(src, dst):
+            if "/commits/" in dst:
+                maybe_die()
+            return original_replace(src, dst)
+
+    schemas.storage.os = _Os()
+elif point == "index":
+    original_write_index = pipeline.job.write_index
+
+    def write_index(*a, **kw):
+        maybe_die()
+        return original_write_index(*a, **kw)
+
+    pipeline.job.write_index = write_index
+else:
+    raise SystemExit(f"unknown crash point {point}")
+
+sys.exit(main(argv))
