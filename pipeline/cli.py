@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
     ix.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
                     help="decode JPEGs at full size (changes the model identity)")
+    ix.add_argument("--decoder", choices=["pillow", "torchvision"], default="pillow",
+                    help="torchvision: JPEGs decoded on the model's device (nvJPEG on GPUs); changes the model identity")
     ix.add_argument("--force", action="store_true", help="re-index shards even if committed")
     ix.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another job's store lock")
     ix.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -76,7 +78,7 @@ def _cmd_index(args, beam_args) -> int:
     from pipeline.inspect import summarize
 
     spec = resolve_spec(args.preset, args.backbone, args.weights, args.adapter, args.random_weights,
-                        args.random_adapter, args.jpeg_draft)
+                        args.random_adapter, args.jpeg_draft, args.decoder)
     cfg = JobConfig(input=args.input, store=args.store, spec=spec, quantization=args.quantize,
                     id_policy=args.id_policy, batch_size=args.batch_size, decode_threads=args.decode_threads,
                     device=args.device, precision=args.precision, compile=args.compile, force=args.force,

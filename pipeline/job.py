@@ -76,11 +76,12 @@ _ENCODERS: dict[tuple, TokenEncoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def encoder_cached(spec: ModelSpec, quant: str, device: str, precision: str | None, compile: bool) -> TokenEncoder:
-    key = (spec, quant, device, precision, compile)
+def encoder_cached(spec: ModelSpec, quant: str, device: str, precision: str | None, compile: bool,
+                   batch_size: int) -> TokenEncoder:
+    key = (spec, quant, device, precision, compile, batch_size)
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
-            _ENCODERS[key] = TokenEncoder(load_model_cached(spec), quant, device, precision, compile)
+            _ENCODERS[key] = TokenEncoder(load_model_cached(spec), quant, device, precision, compile, batch_size)
         return _ENCODERS[key]
 
 
@@ -97,7 +98,8 @@ class IndexShardFn(beam.DoFn):
         self.shard_seconds = Metrics.distribution("edje", "shard_ms")
 
     def setup(self):
-        self.encoder = encoder_cached(self.spec, self.settings.quantization, self.device, self.precision, self.compile)
+        self.encoder = encoder_cached(self.spec, self.settings.quantization, self.device, self.precision, self.compile,
+                                      self.settings.batch_size)
         meta = store_metadata(self.encoder.model.identity, self.settings.quantization, self.settings.id_policy)
         if layout.identity_hash(meta) != self.settings.identity_sha256:
             raise RuntimeError(

@@ -32,7 +32,7 @@ PRESETS: dict[str, ModelSpec] = {
 
 def resolve_spec(preset: str | None, backbone: str | None = None, weights: str | None = None,
                  adapter: str | None = None, random_weights: bool = False, random_adapter: bool = False,
-                 jpeg_draft: bool = True) -> ModelSpec:
+                 jpeg_draft: bool = True, decoder: str = "pillow") -> ModelSpec:
     """A preset, with command-line overrides applied, or a bare backbone."""
     if preset is not None:
         if preset not in PRESETS:
@@ -53,7 +53,5 @@ def resolve_spec(preset: str | None, backbone: str | None = None, weights: str |
         changes.update(adapter_weights=adapter, random_adapter=False)
     elif random_adapter:
         changes["random_adapter"] = True
-    if spec.preprocess is not None and spec.preprocess.jpeg_draft != jpeg_draft:
-        changes["preprocess"] = replace(spec.preprocess, jpeg_draft=jpeg_draft)
-    changes["jpeg_draft"] = jpeg_draft
+    changes.update(jpeg_draft=jpeg_draft, decoder=decoder)
     return replace(spec, **changes)

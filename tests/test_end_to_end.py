@@ -201,3 +201,28 @@ def test_gpu_path_runs_on_the_gpu(reference_encoder, corpus):
     ref = reference_encoder.encode_float(batch).numpy()
     assert finite.all()
     np.testing.assert_allclose(values.astype(np.float32), ref, rtol=0.05, atol=0.02)  # bf16 autocast
+
+
+def test_torchvision_decoder_path(tmp_path, corpus):
+    """The decoder that uses nvJPEG on GPUs, run with the CPU as its device."""
+    from torch.nn.functional import cosine_similarity
+
+    from pipeline.presets import resolve_spec
+    from transforms import decode_torch
+
+    pattern, images, bad = corpus
+    store = str(tmp_path / "store")
+    assert run_index(pattern, store, "--decoder", "torchvision") == 0
+    ts = TokenStore.open(store)
+    assert ts.metadata["model"]["preprocessing"]["decoder"] == "torchvision"
+    assert sorted(ts.ids()) == sorted(images)
+    enc = TokenEncoder(load_model(resolve_spec("tiny", decoder="torchvision")), "fp16")
+    pillow = TokenEncoder(load_model(resolve_spec("tiny")), "fp16")
+    for image_id, data in images.items():
+        pixels = decode_torch.prepare(data, enc.model.preprocess, 10**8, enc.device)
+        ref = enc.encode_float(pixels[None].copy()).numpy()[0]
+        np.testing.assert_allclose(ts.get([image_id])[0], ref, rtol=2e-3, atol=1e-4)
+        # torch's antialiased resize of a full decode vs Pillow's draft + resize: close, not equal
+        other = reference_tokens(pillow, data)
+        assert cosine_similarity(torch.from_numpy(ref).flatten(), torch.from_numpy(other).flatten(), dim=0) > 0.95
+    assert pq.read_table(os.path.join(store, "rejected")).column("id").to_pylist() == bad

@@ -47,8 +47,11 @@ class Preprocess:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop_pct: float = 1.0
     jpeg_draft: bool = True
+    decoder: str = "pillow"  # or "torchvision": see transforms/decode_torch.py
 
     def __post_init__(self):
+        if self.decoder not in ("pillow", "torchvision"):
+            raise ValueError(f"unknown decoder {self.decoder!r}; use 'pillow' or 'torchvision'")
         if self.resize not in ("squash", "shorter_crop"):
             raise ValueError(f"unknown resize mode {self.resize!r}; use 'squash' or 'shorter_crop'")
         if self.interpolation not in INTERPOLATIONS:
@@ -59,7 +62,7 @@ class Preprocess:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_timm(cls, data_config: dict, jpeg_draft: bool = True) -> "Preprocess":
+    def from_timm(cls, data_config: dict) -> "Preprocess":
         """From ``timm.data.resolve_model_data_config(model)``."""
         _, h, w = data_config["input_size"]
         interp = data_config.get("interpolation", "bicubic")
@@ -70,7 +73,6 @@ class Preprocess:
             mean=tuple(float(x) for x in data_config["mean"]),
             std=tuple(float(x) for x in data_config["std"]),
             crop_pct=float(data_config.get("crop_pct", 1.0)),
-            jpeg_draft=jpeg_draft,
         )
 
 
@@ -88,27 +90,34 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def decode_image(data: bytes, pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode, orient (EXIF), convert to RGB and resize one image."""
+def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open lazily (header only) and refuse empty files and oversized declared sizes."""
     if not data:
         raise DecodeRejected("empty_file", "image member has zero bytes")
     with warnings.catch_warnings():
         # Pillow's DecompressionBombWarning is replaced by the explicit check below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))  # reads the header only
-        except Image.DecompressionBombError as e:
-            # Over twice Pillow's MAX_IMAGE_PIXELS, Image.open itself refuses (before our check below).
-            raise DecodeRejected("too_many_pixels", f"declared size refused from the header: {e}") from None
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # Pillow's own limit (2x MAX_IMAGE_PIXELS) hit first
+            raise DecodeRejected("too_many_pixels", str(e)) from None
         except UnidentifiedImageError:
             # Pillow's message names the BytesIO object (a memory address); say what the bytes were.
             raise UnidentifiedImageError(
                 f"not an image format Pillow can read ({len(data)} bytes starting {data[:8]!r})") from None
-        w, h = im.size
-        if w * h > max_pixels:
-            raise DecodeRejected("too_many_pixels", f"declared size {w}x{h} exceeds the {max_pixels}-pixel limit")
-        if w < 1 or h < 1:
-            raise DecodeRejected("empty_image", f"declared size {w}x{h}")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise DecodeRejected("too_many_pixels", f"declared size {w}x{h} exceeds the {max_pixels}-pixel limit")
+    if w < 1 or h < 1:
+        raise DecodeRejected("empty_image", f"declared size {w}x{h}")
+    return im
+
+
+def decode_image(data: bytes, pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode, orient (EXIF), convert to RGB and resize one image."""
+    im = open_checked(data, max_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         th, tw = pp.size
         if pp.resize == "shorter_crop":
             need = math.floor(max(th, tw) / pp.crop_pct)

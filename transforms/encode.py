@@ -34,7 +34,9 @@ class ModelSpec:
     out_dim: int = 384
     mlp_hidden: int = 8192
     preprocess: Preprocess | None = None  # None: the backbone's own timm config
-    jpeg_draft: bool = True  # used with the timm config (a Preprocess carries its own)
+    # Decoding choices, applied on top of ``preprocess`` (both change pixels, so both are identity).
+    jpeg_draft: bool = True
+    decoder: str = "pillow"  # or "torchvision" (nvJPEG on GPUs), see transforms/decode_torch.py
     seed: int = 0
 
 
@@ -130,7 +132,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             f"no adapter weights: pass --adapter FILE (the authors' checkpoint or a project safetensors), "
             f"or --random-adapter for tests"
         )
-    preprocess = spec.preprocess or Preprocess.from_timm(timm.data.resolve_model_data_config(backbone), spec.jpeg_draft)
+    preprocess = spec.preprocess or Preprocess.from_timm(timm.data.resolve_model_data_config(backbone))
+    preprocess = replace(preprocess, jpeg_draft=spec.jpeg_draft, decoder=spec.decoder)
     prefix = int(getattr(backbone, "num_prefix_tokens", 0))
     identity = {
         "backbone": spec.backbone,
@@ -172,7 +175,7 @@ class TokenEncoder:
     """
 
     def __init__(self, model: LoadedModel, quantization_name: str, device: str = "cpu",
-                 precision: str | None = None, compile: bool = False):
+                 precision: str | None = None, compile: bool = False, batch_size: int | None = None):
         self.quantization = quantization.check_quantization(quantization_name)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"--device {device} was requested but torch sees no CUDA GPU here "
@@ -192,6 +195,8 @@ class TokenEncoder:
         self.mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._forward = self._forward_eager
+        self._pinned: torch.Tensor | None = None
+        self.pad_to = batch_size if compile else None
         if compile:
             self._forward = torch.compile(self._forward_eager, dynamic=False)
 
@@ -199,19 +204,40 @@ class TokenEncoder:
         feats = self.backbone.forward_features(x)[:, self.model.num_prefix_tokens:]
         return self.adapter(feats)
 
-    @torch.inference_mode()
-    def encode_float(self, batch_u8: np.ndarray) -> torch.Tensor:
-        """Unquantized float32 tokens [B, m, d] on the device."""
+    def _to_device(self, batch_u8: np.ndarray) -> torch.Tensor:
+        """Host uint8 [B, H, W, 3] -> device tensor, via a reused pinned buffer on CUDA."""
         x = torch.from_numpy(np.ascontiguousarray(batch_u8))
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        if self.device.type != "cuda":
+            return x
+        if self._pinned is None or self._pinned.shape[1:] != x.shape[1:] or self._pinned.shape[0] < x.shape[0]:
+            self._pinned = torch.empty((max(x.shape[0], 1),) + tuple(x.shape[1:]), dtype=torch.uint8).pin_memory()
+        staging = self._pinned[: x.shape[0]]
+        staging.copy_(x)
+        # Safe to reuse the buffer next batch: __call__ synchronises when it copies results back.
+        return staging.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def encode_float(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Unquantized float32 tokens [B, m, d] on the device.
+
+        ``batch`` is uint8 [B, H, W, 3] on the host, or a uint8 [B, 3, H, W]
+        tensor already on the device (GPU-decoded images).
+        """
+        if isinstance(batch, torch.Tensor) and batch.device.type == self.device.type:
+            x = batch
+        else:
+            x = self._to_device(np.asarray(batch)).permute(0, 3, 1, 2)
+        n = x.shape[0]
+        if self.pad_to and n < self.pad_to:
+            # torch.compile specialises on shapes: pad the last batch of a shard, not recompile for it
+            x = torch.cat([x, x.new_zeros((self.pad_to - n,) + tuple(x.shape[1:]))])
+        x = (x.float() - self.mean) / self.std
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             y = self._forward(x)
         if y.device.type != self.device.type:
             raise RuntimeError(f"tokens were computed on {y.device}, not on the requested {self.device}")
-        return y.float()
+        return y[:n].float()
 
     @torch.inference_mode()
     def __call__(self, batch_u8: np.ndarray):

@@ -21,6 +21,7 @@ import numpy as np
 
 from schemas import layout
 from schemas.storage import Location
+from transforms import decode_torch
 from transforms.decode import DEFAULT_MAX_PIXELS, DecodeRejected, decode_image
 from transforms.encode import TokenEncoder
 from transforms.shards import Rejection, Sample, ShardReadStats, iter_shard
@@ -86,9 +87,15 @@ def _decoded(items, pool, encoder: TokenEncoder, settings: IndexSettings):
         except Exception as e:  # noqa: BLE001 -- any decoder failure rejects this image only
             return Rejection(item.id, item.member, "decode", "decode_error", type(e).__name__, str(e) or repr(e))
 
+    if pp.decoder == "torchvision":
+        def decode(data):
+            return decode_torch.prepare(data, pp, settings.max_pixels, encoder.device)
+    else:
+        def decode(data):
+            return decode_image(data, pp, settings.max_pixels)
     for item in items:
         if isinstance(item, Sample):
-            pending.append((item, pool.submit(decode_image, item.data, pp, settings.max_pixels)))
+            pending.append((item, pool.submit(decode, item.data)))
         else:
             pending.append((item, None))
         while len(pending) > prefetch:
@@ -116,17 +123,28 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
         if not batch_pixels:
             return
         te = time.perf_counter()
-        values, scales, finite = encoder(np.stack(batch_pixels))
+        pp = encoder.model.preprocess
+        if pp.decoder == "torchvision":
+            batch, errors = decode_torch.assemble(batch_pixels, pp, encoder.device)
+        else:
+            batch, errors = np.stack(batch_pixels), [None] * len(batch_pixels)
+        for i, e in enumerate(errors):
+            if e is not None:
+                rejected.append(_rejection_row(task, Rejection(batch_ids[i], batch_members[i], "decode",
+                                                               "decode_error", type(e).__name__, str(e))))
+        good = [i for i, e in enumerate(errors) if e is None]
+        if good:
+            values, scales, finite = encoder(batch)
+            for j in np.flatnonzero(~finite):
+                rejected.append(_rejection_row(task, Rejection(
+                    batch_ids[good[j]], batch_members[good[j]], "encode", "non_finite_tokens", "NonFiniteTokens",
+                    f"the model produced NaN/inf tokens (or values beyond {settings.quantization}'s range)")))
+            keep = np.flatnonzero(finite)
+            values_parts.append(values[keep])
+            if scales is not None:
+                scales_parts.append(scales[keep])
+            ids.extend(batch_ids[good[j]] for j in keep)
         encode_s += time.perf_counter() - te
-        keep = np.flatnonzero(finite)
-        for i in np.flatnonzero(~finite):
-            rejected.append(_rejection_row(task, Rejection(
-                batch_ids[i], batch_members[i], "encode", "non_finite_tokens", "NonFiniteTokens",
-                f"the model produced NaN/inf tokens (or values beyond {settings.quantization}'s range)")))
-        values_parts.append(values[keep])
-        if scales is not None:
-            scales_parts.append(scales[keep])
-        ids.extend(batch_ids[i] for i in keep)
         batch_ids.clear(), batch_members.clear(), batch_pixels.clear()
 
     try:
