@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--id-policy", default="key", help="key (default: WebDataset __key__), shard-key, json:FIELD")
     ix.add_argument("--batch-size", type=int, default=32)
     ix.add_argument("--decode-threads", type=int, default=4)
+    ix.add_argument("--decode-timeout", type=float, default=60.0,
+                    help="seconds one image may take to decode before it is rejected (reason 'timeout')")
     ix.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; cuda fails if no GPU is used")
     ix.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
     ix.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
@@ -82,7 +84,7 @@ def _cmd_index(args, beam_args) -> int:
     cfg = JobConfig(input=args.input, store=args.store, spec=spec, quantization=args.quantize,
                     id_policy=args.id_policy, batch_size=args.batch_size, decode_threads=args.decode_threads,
                     device=args.device, precision=args.precision, compile=args.compile, force=args.force,
-                    lock_wait_s=args.lock_wait, beam_args=beam_args)
+                    lock_wait_s=args.lock_wait, decode_timeout_s=args.decode_timeout, beam_args=beam_args)
     result = run_job(cfg)
     out = result.to_dict()
     out["bytes_per_image"] = summarize(args.store)["bytes_per_image"]

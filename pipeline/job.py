@@ -128,6 +128,7 @@ class JobConfig:
     id_policy: str = "key"
     batch_size: int = 32
     decode_threads: int = 4
+    decode_timeout_s: float = 60.0
     device: str = "cpu"
     precision: str | None = None
     compile: bool = False
@@ -217,7 +218,8 @@ def run_job(cfg: JobConfig) -> JobResult:
     model = load_model_cached(cfg.spec)  # launcher-side, on the CPU: the identity the store records
     metadata = store_metadata(model.identity, cfg.quantization, cfg.id_policy)
     settings = IndexSettings(store=cfg.store, quantization=cfg.quantization, identity_sha256=layout.identity_hash(metadata),
-                             id_policy=cfg.id_policy, batch_size=cfg.batch_size, decode_threads=cfg.decode_threads)
+                             id_policy=cfg.id_policy, batch_size=cfg.batch_size, decode_threads=cfg.decode_threads,
+                             decode_timeout_s=cfg.decode_timeout_s)
     loc = Location(cfg.store)
     with StoreLock(loc).acquire(wait_s=cfg.lock_wait_s):
         prepare_store(loc, metadata)

@@ -147,23 +147,26 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
         encode_s += time.perf_counter() - te
         batch_ids.clear(), batch_members.clear(), batch_pixels.clear()
 
+    # Not a `with` block: its exit would wait for a decoder stuck past its timeout.
+    pool = cf.ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     try:
-        with cf.ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode") as pool:
-            for out in _decoded(iter_shard(task.url, settings.id_policy, stats), pool, encoder, settings):
-                if isinstance(out, Rejection):
-                    rejected.append(_rejection_row(task, out))
-                    continue
-                sample, pixels = out
-                batch_ids.append(sample.id)
-                batch_members.append(sample.member)
-                batch_pixels.append(pixels)
-                if len(batch_pixels) == settings.batch_size:
-                    flush()
-            flush()
+        for out in _decoded(iter_shard(task.url, settings.id_policy, stats), pool, encoder, settings):
+            if isinstance(out, Rejection):
+                rejected.append(_rejection_row(task, out))
+                continue
+            sample, pixels = out
+            batch_ids.append(sample.id)
+            batch_members.append(sample.member)
+            batch_pixels.append(pixels)
+            if len(batch_pixels) == settings.batch_size:
+                flush()
+        flush()
     except (OSError, EOFError, tarfile.TarError) as e:
         if stats.samples_read or ids:
             raise  # damage after the shard started is handled inside iter_shard; anything else is a bug
         return _fail(loc, task, e)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     read_s = time.perf_counter() - t0
 
     m, d = encoder.model.identity["tokens_per_image"], encoder.model.identity["token_dim"]

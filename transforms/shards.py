@@ -220,10 +220,12 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
             stats.complete = False
             stats.incomplete_reason = "no end-of-archive marker: the tar looks truncated"
         elif not errors and state.get("comptype") == "tar" and reader.last_nonzero >= state.get("end_offset", 0):
-            # tarfile also ends silently at an invalid header after the first:
-            # data after the point where it stopped means members were skipped.
+            # tarfile also ends silently at an invalid header after the first
+            # (or at an end-of-archive marker with more data behind it): data
+            # after the point where it stopped means members were skipped.
             stats.complete = False
-            stats.incomplete_reason = (f"invalid tar header at byte {state['end_offset']}: the "
+            stats.incomplete_reason = (f"the tar stream ended at byte {state['end_offset']} (an invalid header or an "
+                                       f"early end-of-archive marker), but data follows: the "
                                        f"{reader.size - state['end_offset']} bytes after it were not read")
         stats.size = reader.size
         stats.sha256 = reader.sha.hexdigest()
