@@ -184,8 +184,8 @@ def test_second_job_refuses_or_waits_and_stale_locks_are_taken_over(tmp_path, sh
     # a job that holds the lock for a while (it sleeps inside its first shard)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time, transforms.indexer as t; f = t.index_shard\n"
-         "def slow(*a, **k):\n    time.sleep(4); return f(*a, **k)\n"
+         "import sys, time, transforms.indexer as t; f = t.index_shard; slept = []\n"
+         "def slow(*a, **k):\n    slept or time.sleep(4); slept.append(1); return f(*a, **k)\n"
          "t.index_shard = slow; import pipeline.job as j; j.index_shard = slow\n"
          "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))",
          "index", "--input", pattern, "--store", store, *TINY],
