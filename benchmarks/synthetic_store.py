@@ -1,0 +1,178 @@
+"""Synthetic token stores written with the real writer (no model, no images).
+
+A store built here is byte-for-byte what ``edje-index index`` would produce for
+the same tokens: root metadata from :func:`pipeline.job.store_metadata` /
+:func:`pipeline.job.prepare_store`, per segment
+:func:`transforms.write.write_segment_data` + :func:`transforms.write.write_rejected`
++ a commit record with the fields :func:`transforms.indexer.index_shard`
+writes, and finally an index generation from :func:`schemas.index.write_index`.
+Only the tokens are fake: seeded random floats, encoded with
+:func:`schemas.quantization.encode` so int8 stores are realistic too.
+
+Used by the read benchmark (``python -m benchmarks.read``) and the reader tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from schemas import layout, quantization
+from schemas.index import load_index, read_commits, write_index
+from schemas.storage import Location
+
+SYNTHETIC_SHARD = "synthetic://shards/shard-{seed}-{index:06d}.tar"
+
+
+def fake_model_identity(m: int = 64, d: int = 384) -> dict:
+    """A model identity with every key the store records (see transforms/encode.py and pipeline/inspect.py)."""
+    return {
+        "backbone": "synthetic",
+        "backbone_kwargs": {},
+        "backbone_sha256": "0" * 64,
+        "random_weights": True,
+        "adapter": {"num_queries": m, "out_dim": d, "synthetic": True},
+        "adapter_sha256": "0" * 64,
+        "random_adapter": True,
+        "tokens": "synthetic: seeded standard-normal floats, no model",
+        "preprocessing": {"synthetic": True},
+        "tokens_per_image": m,
+        "token_dim": d,
+    }
+
+
+def create_store(url: str, quant: str = "fp16", m: int = 64, d: int = 384, id_policy: str = "key") -> dict:
+    """Create (or check) the store root exactly like the launcher does; return its metadata."""
+    from pipeline.job import prepare_store, store_metadata
+
+    quantization.check_quantization(quant)
+    return prepare_store(Location(url), store_metadata(fake_model_identity(m, d), quant, id_policy))
+
+
+def random_tokens(gen, n: int, m: int, d: int) -> np.ndarray:
+    """float32 [n, m, d] from a seeded ``torch.Generator``: standard normal times a
+    per-token scale in [0.25, 4) (so int8 scales vary). torch: ~3x faster than numpy here."""
+    import torch
+
+    x = torch.randn((n, m, d), generator=gen)
+    x *= torch.empty((n, m, 1)).uniform_(0.25, 4.0, generator=gen)
+    return x.numpy()
+
+
+def encode_tokens(tokens: np.ndarray, quant: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float tokens -> stored (values, scales) through the project's one encoder."""
+    import torch
+
+    values, scales = quantization.encode(torch.from_numpy(np.ascontiguousarray(tokens)), quant)
+    return values.numpy(), None if scales is None else scales.numpy()
+
+
+def write_segment(loc: Location, metadata: dict, shard_url: str, ids: list[str], values: np.ndarray,
+                  scales: np.ndarray | None, commit: bool = True, fingerprint: dict | None = None) -> dict:
+    """Write one segment like transforms.indexer does: data, dead letters, then (optionally) the commit.
+
+    ``values``/``scales`` are already encoded (:func:`encode_tokens`). With
+    ``commit=False`` the data is written but no commit record: readers must
+    not see it. Returns the commit record (written or not).
+    """
+    from transforms.indexer import SOFTWARE_VERSION, _now
+    from transforms.write import write_rejected, write_segment_data
+
+    quant = metadata["quantization"]
+    segment = layout.segment_name(shard_url)
+    fingerprint = fingerprint or {"size": int(values.nbytes), "ukey": hashlib.sha256(shard_url.encode()).hexdigest()}
+    data_path = layout.segment_data_path(segment, fingerprint)
+    checksums = write_segment_data(loc, data_path, list(ids), values, scales, quant)
+    write_rejected(loc, segment, [])
+    record = {
+        "schema_version": layout.SCHEMA_VERSION,
+        "software_version": SOFTWARE_VERSION,
+        "segment": segment,
+        "data_path": data_path,
+        "shard": shard_url,
+        "source": {**fingerprint, "bytes_read": int(fingerprint["size"]),
+                   "sha256": hashlib.sha256(f"{shard_url}:{fingerprint}".encode()).hexdigest()},
+        "identity_sha256": layout.identity_hash(metadata),
+        "quantization": quant,
+        "rows": len(ids),
+        "samples_read": len(ids),
+        "indexed": len(ids),
+        "rejected": 0,
+        "rejected_by_reason": {},
+        "extra_image_members": 0,
+        "complete": True,
+        "incomplete_reason": None,
+        "checksums": checksums,
+        "token_bytes": int(values.nbytes + (0 if scales is None else scales.nbytes)),
+        "timings_s": {"read_decode_encode": 0.0, "encode": 0.0, "write": 0.0, "total": 0.0},
+        "committed_at": _now(),
+    }
+    if commit:
+        old = loc.read_json(*layout.commit_path(segment)) if loc.exists(*layout.commit_path(segment)) else None
+        loc.write_json_atomic(record, *layout.commit_path(segment))  # the commit point
+        loc.remove(*layout.failed_path(segment))
+        if old and old.get("data_path") != data_path:
+            loc.remove(old["data_path"])
+    return record
+
+
+def finalize_index(url: str):
+    """Publish a new index generation from the commit records (the launcher's finalize step)."""
+    loc = Location(url)
+    return write_index(loc, load_index(loc, read_commits(loc)))
+
+
+@dataclass
+class SyntheticStore:
+    url: str
+    metadata: dict
+    ids: list[str]  # every image id, in storage order (segment by segment)
+    segments: list[str]  # segment names, in write order
+    tokens: np.ndarray | None = None  # float32 [n, m, d] before encoding, if asked for
+    segment_of: list[int] = field(default_factory=list)  # segment number (into ``segments``) of each id
+
+
+def build_synthetic_store(url: str, n_images: int, images_per_segment: int, quantization: str = "fp16",
+                          m: int = 64, d: int = 384, seed: int = 0, return_tokens: bool = False,
+                          index: bool = True,
+                          on_segment: Callable[[int, list[str], np.ndarray, np.ndarray | None], None] | None = None,
+                          ) -> SyntheticStore:
+    """Write a complete, committed, indexed store of ``n_images`` random images.
+
+    Ids are ``img-<seed>-<number>`` with the numbers shuffled, so id order and
+    storage order differ (as in a real corpus). ``on_segment(first_row, ids,
+    values, scales)`` sees each segment's encoded arrays as they are written
+    (the benchmark uses it to keep a plain numpy copy). ``return_tokens``
+    keeps the float32 tokens (n * m * d * 4 bytes: only for small stores).
+    """
+    if n_images < 0 or images_per_segment < 1:
+        raise ValueError("n_images must be >= 0 and images_per_segment >= 1")
+    loc = Location(url)
+    metadata = create_store(url, quantization, m, d)
+    import torch
+
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    width = max(len(str(max(n_images - 1, 0))), 6)
+    numbers = rng.permutation(n_images)
+    all_ids = [f"img-{seed}-{int(k):0{width}d}" for k in numbers]
+    tokens = np.empty((n_images, m, d), np.float32) if return_tokens else None
+    segments, segment_of = [], []
+    for s, start in enumerate(range(0, n_images, images_per_segment)):
+        stop = min(start + images_per_segment, n_images)
+        ids = all_ids[start:stop]
+        x = random_tokens(gen, stop - start, m, d)
+        if tokens is not None:
+            tokens[start:stop] = x
+        values, scales = encode_tokens(x, quantization)
+        rec = write_segment(loc, metadata, SYNTHETIC_SHARD.format(seed=seed, index=s), ids, values, scales)
+        if on_segment is not None:
+            on_segment(start, ids, values, scales)
+        segments.append(rec["segment"])
+        segment_of += [s] * len(ids)
+    if index:
+        finalize_index(url)
+    return SyntheticStore(url, metadata, all_ids, segments, tokens, segment_of)
