@@ -11,7 +11,7 @@ DEMO_SHARDS := demo/corpus/demo-{000000..000002}.tar
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH_PINS)
-	$(VENV)/bin/pip install -q -e '.[test,demo]'
+	$(VENV)/bin/pip install -q -e '.[test,demo,rerank]'
 	touch $@
 
 install: $(VENV)/.installed

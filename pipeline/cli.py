@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--missing", action="store_true", help="every shard whose source no longer exists")
     rm.add_argument("--shard", action="append", default=[], help="a shard URL as recorded in its commit")
 
+    from rerank.cli import add_arguments as rerank_arguments  # light: no torch/transformers import
+
+    rerank_arguments(sub.add_parser("rerank", help="re-sort candidate images for a text query with the EDJE joint "
+                                                   "encoder (needs the [rerank] extra)"))
+
     d = sub.add_parser("demo-corpus", help="write the built-in demo corpus (packaged sample photos)")
     d.add_argument("out")
     d.add_argument("--shards", type=int, default=3)
@@ -194,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_verify(args)
         if args.command == "remove":
             return _cmd_remove(args)
+        if args.command == "rerank":
+            from rerank.cli import run as rerank_run
+
+            return rerank_run(args)
         if args.command == "demo-corpus":
             from pipeline.demo import build_demo_corpus
 
