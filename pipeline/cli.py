@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--quantize", default="fp16", choices=["fp16", "int8"])
     ix.add_argument("--id-policy", default="key", help="key (default: WebDataset __key__), shard-key, json:FIELD")
     ix.add_argument("--batch-size", type=int, default=32)
-    ix.add_argument("--decode-threads", type=int, default=4)
+    ix.add_argument("--decode-threads", type=int, default=0, help="image decoding threads per worker "
+                    "(default 0: one per core, at most 16)")
     ix.add_argument("--decode-timeout", type=float, default=60.0,
                     help="seconds one image may take to decode before it is rejected (reason 'timeout')")
     ix.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; cuda fails if no GPU is used")

@@ -127,7 +127,7 @@ class JobConfig:
     quantization: str = "fp16"
     id_policy: str = "key"
     batch_size: int = 32
-    decode_threads: int = 4
+    decode_threads: int = 0  # 0: one per worker core, at most 16
     decode_timeout_s: float = 60.0
     device: str = "cpu"
     precision: str | None = None
@@ -207,8 +207,8 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
 def run_job(cfg: JobConfig) -> JobResult:
     quantization.check_quantization(cfg.quantization)
     check_id_policy(cfg.id_policy)
-    if cfg.batch_size < 1 or cfg.decode_threads < 1:
-        raise ValueError("--batch-size and --decode-threads must be at least 1")
+    if cfg.batch_size < 1 or cfg.decode_threads < 0:
+        raise ValueError("--batch-size must be at least 1 and --decode-threads at least 0 (0: one per core)")
     urls = expand_pattern(cfg.input)
     if not urls:
         raise NoShards(f"--input {cfg.input!r} matched no shards (quote the pattern so the shell does not expand it)")

@@ -195,7 +195,8 @@ class TokenEncoder:
         self.mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._forward = self._forward_eager
-        self._pinned: torch.Tensor | None = None
+        self._staging: list[torch.Tensor | None] = [None, None]  # two pinned buffers, used in turn
+        self._turn = 0
         self.pad_to = batch_size if compile else None
         if compile:
             self._forward = torch.compile(self._forward_eager, dynamic=False)
@@ -205,15 +206,22 @@ class TokenEncoder:
         return self.adapter(feats)
 
     def _to_device(self, batch_u8: np.ndarray) -> torch.Tensor:
-        """Host uint8 [B, H, W, 3] -> device tensor, via a reused pinned buffer on CUDA."""
+        """Host uint8 [B, H, W, 3] -> device tensor, via reused pinned buffers on CUDA.
+
+        Two buffers take turns: batch k+1 is staged while batch k may still be
+        running, and batch k+2 reuses k's buffer only after k was finished
+        (:meth:`finish` waits for it), so its copy has completed by then.
+        """
         x = torch.from_numpy(np.ascontiguousarray(batch_u8))
         if self.device.type != "cuda":
             return x
-        if self._pinned is None or self._pinned.shape[1:] != x.shape[1:] or self._pinned.shape[0] < x.shape[0]:
-            self._pinned = torch.empty((max(x.shape[0], 1),) + tuple(x.shape[1:]), dtype=torch.uint8).pin_memory()
-        staging = self._pinned[: x.shape[0]]
+        self._turn ^= 1
+        buf = self._staging[self._turn]
+        if buf is None or buf.shape[1:] != x.shape[1:] or buf.shape[0] < x.shape[0]:
+            buf = self._staging[self._turn] = torch.empty((max(x.shape[0], 1),) + tuple(x.shape[1:]),
+                                                          dtype=torch.uint8).pin_memory()
+        staging = buf[: x.shape[0]]
         staging.copy_(x)
-        # Safe to reuse the buffer next batch: __call__ synchronises when it copies results back.
         return staging.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
@@ -240,13 +248,40 @@ class TokenEncoder:
         return y[:n].float()
 
     @torch.inference_mode()
-    def __call__(self, batch_u8: np.ndarray):
-        """Returns ``(values, scales or None, finite)`` as numpy arrays on the host."""
-        y = self.encode_float(batch_u8)
+    def start(self, batch) -> "PendingBatch":
+        """Launch one batch; on CUDA this returns before the GPU is done.
+
+        The indexer starts batch k+1 before it finishes batch k, so building a
+        batch on the host overlaps the previous one's compute.
+        """
+        y = self.encode_float(batch)
         values, scales = quantization.encode(y, self.quantization)
         finite = torch.isfinite(y).flatten(1).all(dim=1)
         if self.quantization == "fp16":
             finite &= torch.isfinite(values).flatten(1).all(dim=1)  # overflow past fp16's range
         else:
             finite &= torch.isfinite(scales).flatten(1).all(dim=1)
-        return (values.cpu().numpy(), None if scales is None else scales.cpu().numpy(), finite.cpu().numpy())
+        outputs = [values, scales, finite]
+        event = None
+        if self.device.type == "cuda":
+            outputs = [None if t is None else t.to("cpu", non_blocking=True) for t in outputs]
+            event = torch.cuda.Event()
+            event.record()
+        return PendingBatch(outputs, event)
+
+    @staticmethod
+    def finish(pending: "PendingBatch"):
+        """``(values, scales or None, finite)`` as numpy arrays on the host."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        values, scales, finite = pending.outputs
+        return values.numpy(), None if scales is None else scales.numpy(), finite.numpy()
+
+    def __call__(self, batch):
+        return self.finish(self.start(batch))
+
+
+@dataclass
+class PendingBatch:
+    outputs: list  # values, scales (or None), finite: host tensors once ``event`` has completed
+    event: object = None  # a torch.cuda.Event on GPUs
