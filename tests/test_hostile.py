@@ -340,3 +340,33 @@ def test_a_stuck_decoder_is_rejected_by_timeout_not_a_hang(tmp_path, monkeypatch
         release.set()
     assert res.rc == 0 and res.seconds < 30, res.stderr
     assert res.summary["rejected_by_reason"] == {"timeout": 1} and res.summary["images_indexed"] == 2
+
+
+def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, monkeypatch):
+    """A Latin-1 member name and a too-large image member cost their sample only."""
+    import tarfile
+
+    import transforms.shards
+    from PIL import Image
+    from tests.conftest import image_bytes
+
+    monkeypatch.setattr(transforms.shards, "MAX_MEMBER_BYTES", 4096)
+    small = image_bytes(Image.new("RGB", (8, 8), (0, 90, 200)), "JPEG")
+    big = image_bytes(Image.effect_noise((300, 300), 80).convert("RGB"), "PNG")
+    assert len(small) < 4096 < len(big)
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        for name, data in [("ok1.jpg", small), ("caf\xe9.jpg", small), ("huge.png", big),
+                           ("video.mp4", b"\0" * 10_000), ("video.jpg", small), ("ok2.jpg", small)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    # read back as UTF-8, the way the indexer sees it: the Latin-1 byte becomes a surrogate escape
+    res = index(str(path), tmp_path / "store")
+    assert res.rc == 0, res.stderr
+    assert res.summary["images_indexed"] == 3  # ok1, video (its .mp4 is skipped unread), ok2
+    assert res.summary["rejected_by_reason"] == {"bad_id": 1, "member_too_large": 1}
+    rows = read_store_records(tmp_path / "store").rejected
+    bad = next(r for r in rows if r["reason"] == "bad_id")
+    assert bad["id"] is None and "not valid UTF-8" in bad["message"] and bad["member"].startswith("caf")
+    assert sorted(TokenStore.open(str(tmp_path / "store")).ids()) == ["ok1", "ok2", "video"]

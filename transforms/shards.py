@@ -106,6 +106,11 @@ def shard_stem(url: str) -> str:
     return stem
 
 
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes (surrogate escapes from tarfile) shown as \\xNN."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _image_member(members: dict[str, str]) -> str | None:
     """The extension key (e.g. ``v2.final.jpg``) of the sample's image member, or None."""
     by_last = {}
@@ -120,8 +125,22 @@ def _image_member(members: dict[str, str]) -> str | None:
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
 
 
-def _tar_members(fileobj, state: dict) -> Iterator[tuple[str, bytes]]:
+# Larger members are not read into memory: their sample is rejected ("member_too_large").
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+_USED = set(IMAGE_EXTENSIONS) | {"json"}
+
+
+def _used(name: str) -> bool:
+    """Whether a member's bytes can matter: images, and .json (ids may come from it)."""
+    return name.rsplit(".", 1)[-1].lower() in _USED
+
+
+def _tar_members(fileobj, state: dict) -> Iterator[tuple[str, bytes | None]]:
     """(name, data) of the regular members of a tar stream, in order.
+
+    ``data`` is None for members whose bytes are never used (e.g. ``.txt``,
+    ``.mp4``: tarfile skips over them) and for members larger than
+    MAX_MEMBER_BYTES.
 
     Sets ``state["opened"]`` once the first header was read (``tarfile.open``
     raises before that if the stream is not a tar at all), and on a clean end
@@ -135,7 +154,8 @@ def _tar_members(fileobj, state: dict) -> Iterator[tuple[str, bytes]]:
         name = info.name
         if info.isreg() and not _META.match(name) and not (
                 "/" not in name and name.startswith("__") and name.endswith("__")):
-            yield name, stream.extractfile(info).read()
+            wanted = _used(name) and info.size <= MAX_MEMBER_BYTES
+            yield name, stream.extractfile(info).read() if wanted else None
         stream.members = []
     state["end_offset"] = stream.offset
 
@@ -151,9 +171,9 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
     stem = shard_stem(url)
     seen: set[str] = set()
 
-    def finish(key: str, members: dict[str, str], datas: dict[str, bytes]):
+    def finish(key: str, members: dict[str, str], datas: dict[str, bytes | None]):
         stats.samples_read += 1
-        names = ",".join(members.values())
+        names = _printable(",".join(members.values()))
         chosen = _image_member(members)
         ident: str | None = key
         if id_policy == "shard-key":
@@ -170,6 +190,9 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
                 ident = str(value)
             except Exception as e:  # noqa: BLE001 -- any malformed metadata is a rejection
                 return Rejection(None, names, "read", "bad_id", type(e).__name__, f"no id from json field {fieldname!r}: {e}")
+        if ident is not None and _printable(ident) != ident:
+            return Rejection(None, names, "read", "bad_id", "UnicodeEncodeError",
+                             f"id {_printable(ident)!r} is not valid UTF-8 (tar member names and ids must be UTF-8)")
         if chosen is None:
             return Rejection(ident, names, "read", "no_image_member", "NoImageMember",
                              f"sample {key!r} has no member with an image extension ({', '.join(IMAGE_EXTENSIONS)})")
@@ -178,7 +201,11 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
             return Rejection(ident, names, "read", "duplicate_id", "DuplicateId",
                              f"id {ident!r} already used earlier in this shard; the first occurrence is kept")
         seen.add(ident)
-        return Sample(ident, key, members[chosen], datas[members[chosen]])
+        data = datas[members[chosen]]
+        if data is None:
+            return Rejection(ident, names, "read", "member_too_large", "MemberTooLarge",
+                             f"image member is larger than {MAX_MEMBER_BYTES} bytes; not read")
+        return Sample(ident, key, members[chosen], data)
 
     with fsspec.open(url, "rb") as raw:
         reader = _HashingReader(raw)
