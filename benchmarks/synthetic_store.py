@@ -83,10 +83,10 @@ def write_segment(loc: Location, metadata: dict, shard_url: str, ids: list[str],
 
     quant = metadata["quantization"]
     segment = layout.segment_name(shard_url)
-    fingerprint = fingerprint or {"size": int(values.nbytes), "ukey": hashlib.sha256(shard_url.encode()).hexdigest()}
+    fingerprint = fingerprint or {"size": int(values.nbytes), "version": hashlib.sha256(shard_url.encode()).hexdigest()}
     data_path = layout.segment_data_path(segment, fingerprint)
     checksums = write_segment_data(loc, data_path, list(ids), values, scales, quant)
-    write_rejected(loc, segment, [])
+    write_rejected(loc, data_path, [])
     record = {
         "schema_version": layout.SCHEMA_VERSION,
         "software_version": SOFTWARE_VERSION,

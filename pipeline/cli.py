@@ -123,6 +123,7 @@ def _cmd_index(args, beam_args) -> int:
 def _cmd_verify(args) -> int:
     from pipeline.lock import StoreLock
     from pipeline.maintenance import remove_uncommitted
+    from schemas.index import retired_paths
     from pipeline.verify import verify
     from schemas import Location, read_commits
 
@@ -130,7 +131,7 @@ def _cmd_verify(args) -> int:
     if args.repair:
         loc = Location(args.store)
         with StoreLock(loc).acquire():
-            removed = remove_uncommitted(loc, read_commits(loc))
+            removed = remove_uncommitted(loc, read_commits(loc), keep=retired_paths(loc))
     report = verify(args.store, deep=args.deep)
     report["repaired"] = removed
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 
 from schemas import layout
-from schemas.index import load_index, read_commits
+from schemas.index import load_index, read_commits, retired_paths
 from schemas.storage import Location
 from schemas.store import open_metadata
 
@@ -27,9 +27,9 @@ def summarize(url: str) -> dict:
     images = index.table.num_rows
     token_bytes = sum(_data_bytes(loc, c["data_path"]) for c in commits.values())
     index_bytes = loc.du(layout.INDEX)
-    committed_paths = {c["data_path"] for c in commits.values()}
-    uncommitted = [f"{layout.SEGMENTS}/{n}" for n in loc.list(layout.SEGMENTS)
-                   if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in committed_paths]
+    from pipeline.maintenance import find_uncommitted
+
+    uncommitted = find_uncommitted(loc, commits, keep=retired_paths(loc))
     from pipeline.maintenance import missing_sources
 
     failed = [loc.read_json(layout.FAILED, n) for n in loc.list(layout.FAILED) if n.endswith(".json")]

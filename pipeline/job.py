@@ -23,7 +23,7 @@ from pipeline.lock import StoreLock
 from pipeline.plan import Plan, expand_pattern, plan
 from schemas import layout, quantization
 from schemas.index import load_index, read_commits, write_index
-from pipeline.maintenance import remove_uncommitted
+from pipeline.maintenance import remove_uncommitted, retire
 from schemas.storage import Location
 from schemas.store import open_metadata
 from transforms.encode import ModelSpec, TokenEncoder, load_model_cached
@@ -243,9 +243,11 @@ def run_job(cfg: JobConfig) -> JobResult:
         seconds = time.perf_counter() - t0
         commits = read_commits(loc)
         index = load_index(loc, commits)
-        if not index.published:
-            index = write_index(loc, index)
-        removed = remove_uncommitted(loc, commits)
+        retired = retire([t.replaces for t in the_plan.todo
+                          if t.replaces and commits.get(t.segment, {}).get("data_path") == t.data_path])
+        if not index.published or retired:
+            index = write_index(loc, index, retired)
+        removed = remove_uncommitted(loc, commits, keep=retired)
         if removed:
             log.info("removed %d uncommitted leftover(s) of earlier attempts: %s", len(removed), ", ".join(removed[:5]))
     committed, failed, not_finished = [], [], []

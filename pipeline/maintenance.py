@@ -5,28 +5,33 @@ from __future__ import annotations
 import fsspec
 
 from schemas import layout
-from schemas.index import load_index, read_commits, write_index
+from schemas.index import load_index, read_commits, retired_paths, write_index
 from schemas.storage import Location
 
 _SIDE_FOLDERS = (layout.COMMITS, layout.REJECTED, layout.FAILED, layout.INDEX)
 
 
-def find_uncommitted(loc: Location, commits: dict[str, dict]) -> list[str]:
-    """Relative paths of data no commit record refers to, and interrupted temp files."""
-    referenced = {c["data_path"] for c in commits.values()}
+def retire(data_paths: list[str]) -> list[str]:
+    """A superseded data version and its dead-letter table: what the index pointer keeps one job longer."""
+    return sorted(data_paths) + sorted("/".join(layout.rejected_path(p)) for p in data_paths)
+
+
+def find_uncommitted(loc: Location, commits: dict[str, dict], keep=()) -> list[str]:
+    """Relative paths no commit record refers to (crash leftovers, superseded versions
+    past their grace period) and interrupted temp files; ``keep`` is spared."""
+    referenced = {c["data_path"] for c in commits.values()} | set(keep)
     out = [f"{layout.SEGMENTS}/{n}" for n in loc.list(layout.SEGMENTS)
            if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in referenced]
     for folder in _SIDE_FOLDERS:
         out += [f"{folder}/{n}" for n in loc.list(folder) if n.startswith(".tmp-")]
-    segments = set(commits)
-    # dead-letter tables of segments that never committed (their shard will be redone)
+    tables = {"/".join(layout.rejected_path(c["data_path"])) for c in commits.values()} | set(keep)
     out += [f"{layout.REJECTED}/{n}" for n in loc.list(layout.REJECTED)
-            if n.endswith(".parquet") and n[: -len(".parquet")] not in segments]
+            if n.endswith(".parquet") and f"{layout.REJECTED}/{n}" not in tables]
     return sorted(out)
 
 
-def remove_uncommitted(loc: Location, commits: dict[str, dict]) -> list[str]:
-    leftovers = find_uncommitted(loc, commits)
+def remove_uncommitted(loc: Location, commits: dict[str, dict], keep=()) -> list[str]:
+    leftovers = find_uncommitted(loc, commits, keep)
     for rel in leftovers:
         loc.remove(*rel.split("/"))
     return leftovers
@@ -52,5 +57,5 @@ def remove_segments(loc: Location, segments: list[str]) -> None:
         rec = commits.pop(seg)
         loc.remove(*layout.commit_path(seg))
         loc.remove(*rec["data_path"].split("/"))
-        loc.remove(*layout.rejected_path(seg))
+        loc.remove(*layout.rejected_path(rec["data_path"]))
     write_index(loc, load_index(loc, commits))

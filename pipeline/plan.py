@@ -36,15 +36,25 @@ def expand_pattern(pattern: str) -> list[str]:
     return sorted(dict.fromkeys(urls))
 
 
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "last_modified", "updated", "mtime")
+
+
 def fingerprint(url: str) -> dict:
-    """What identifies the current version of a shard, without reading it."""
+    """What identifies the current version of a shard, without reading it.
+
+    Size plus, on local disk, the modification time (not fsspec's ``ukey``,
+    which also changes with permissions, inode or ctime, so a ``chmod`` or a
+    restored copy would re-index); on object stores the first of ETag /
+    checksum / generation / modification time the filesystem reports.
+    """
     fs, path = fsspec.core.url_to_fs(url)
     try:
         info = fs.info(path)
-        ukey = fs.ukey(path)
     except (FileNotFoundError, PermissionError, OSError):
-        return {"size": None, "ukey": None}
-    return {"size": info.get("size"), "ukey": ukey}
+        return {"size": None, "version": None}
+    key = next((k for k in _VERSION_KEYS if info.get(k) is not None), None)
+    version = f"{key}:{info[key]}" if key else f"ukey:{fs.ukey(path)}"
+    return {"size": info.get("size"), "version": version}
 
 
 @dataclass
@@ -64,11 +74,17 @@ def plan(urls: list[str], commits: dict[str, dict], force: bool = False) -> Plan
         fp = fingerprint(url)
         task = ShardTask(url, seg, fp)
         old = commits.get(seg)
-        if old is not None and not force:
-            if (old["source"].get("size"), old["source"].get("ukey")) == (fp["size"], fp["ukey"]):
+        if old is not None:
+            same = (old["source"].get("size"), old["source"].get("version")) == (fp["size"], fp["version"])
+            if same and not force:
                 out.skipped.append(url)
                 continue
-            out.changed.append(url)
+            if not same:
+                out.changed.append(url)
+            revision = 0
+            if old["data_path"].startswith(task.data_path):  # same source: a new folder, never the committed one
+                revision = int(old.get("revision", 0)) + 1
+            task = ShardTask(url, seg, fp, revision, replaces=old["data_path"])
         out.todo.append(task)
     out.missing_from_corpus = sorted(c["shard"] for s, c in commits.items() if s not in segments)
     return out

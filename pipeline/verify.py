@@ -11,7 +11,7 @@ import zarr
 
 from pipeline.maintenance import find_uncommitted, missing_sources
 from schemas import layout
-from schemas.index import load_index, read_commits
+from schemas.index import load_index, read_commits, retired_paths
 from schemas.storage import Location
 from schemas.store import open_metadata
 from transforms.write import ids_checksum, token_checksum
@@ -53,10 +53,10 @@ def verify(url: str, deep: bool = False) -> dict:
         except (KeyError, FileNotFoundError, ValueError, OSError) as e:
             problems.append(f"{where}: data unreadable: {type(e).__name__}: {e}")
         if c["rejected"]:
-            if not loc.exists(*layout.rejected_path(seg)):
+            if not loc.exists(*layout.rejected_path(c["data_path"])):
                 problems.append(f"{where}: dead-letter table missing ({c['rejected']} rejected samples)")
             else:
-                rows = pq.read_metadata(io.BytesIO(loc.read_bytes(*layout.rejected_path(seg)))).num_rows
+                rows = pq.read_metadata(io.BytesIO(loc.read_bytes(*layout.rejected_path(c["data_path"])))).num_rows
                 if rows != c["rejected"]:
                     problems.append(f"{where}: dead-letter table has {rows} rows, the commit says {c['rejected']}")
         if not c["complete"]:
@@ -81,7 +81,7 @@ def verify(url: str, deep: bool = False) -> dict:
         if index.duplicates.num_rows:
             warnings.append(f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "
                             f"(listed in index/{json.loads(loc.read_bytes(layout.INDEX, layout.INDEX_POINTER))['duplicates']})")
-    leftovers = find_uncommitted(loc, commits)
+    leftovers = find_uncommitted(loc, commits, keep=retired_paths(loc))
     if leftovers:
         problems.append(f"{len(leftovers)} uncommitted leftover(s) (run 'verify --repair'): {', '.join(leftovers[:5])}")
     gone = missing_sources(commits)

@@ -111,18 +111,30 @@ def _dedupe(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     return unique, dups
 
 
-def write_index(loc: Location, index: IdIndex) -> IdIndex:
-    """Publish ``index`` as a new generation (one writer: the job's finalize step)."""
+def retired_paths(loc: Location) -> list[str]:
+    """Superseded data kept for readers of the previous snapshot (see schemas/layout.py)."""
+    ptr = _pointer(loc)
+    return list(ptr.get("retired", [])) if ptr else []
+
+
+def write_index(loc: Location, index: IdIndex, retired: list[str] = ()) -> IdIndex:
+    """Publish ``index`` as a new generation (one writer: the job's finalize step).
+
+    The previous generation's files are kept (a reader may have just read the
+    old pointer); older ones are deleted.
+    """
+    previous = _pointer(loc) or {}
     gen = index.generation + 1
     names = {"ids": f"ids-{gen:08d}.parquet", "duplicates": f"duplicates-{gen:08d}.parquet"}
     for key, table in (("ids", index.table), ("duplicates", index.duplicates)):
         buf = io.BytesIO()
         pq.write_table(table, buf)
         loc.write_bytes_atomic(buf.getvalue(), layout.INDEX, names[key])
-    loc.write_json_atomic({"generation": gen, **names, "segments": index.covered,
+    loc.write_json_atomic({"generation": gen, **names, "segments": index.covered, "retired": sorted(retired),
                            "images": index.table.num_rows, "duplicates_count": index.duplicates.num_rows},
                           layout.INDEX, layout.INDEX_POINTER)
+    keep = set(names.values()) | {previous.get("ids"), previous.get("duplicates")}
     for name in loc.list(layout.INDEX):
-        if name.endswith(".parquet") and name not in names.values():
+        if name.endswith(".parquet") and name not in keep:
             loc.remove(layout.INDEX, name)
     return IdIndex(index.table, index.duplicates, index.covered, gen, published=True)

@@ -10,7 +10,7 @@
           scales  [n, m]           float16, int8 only: value = tokens * scales[..., None]
           ids     [n]              string (vlen-utf8)
       commits/<segment>.json       commit record: the segment exists for readers only through it
-      rejected/<segment>.parquet   dead-letter rows (schemas.tables.REJECTED_SCHEMA)
+      rejected/<segment>.<source>.parquet  dead-letter rows of that data version (schemas.tables.REJECTED_SCHEMA)
       failed/<segment>.json        a shard that could not be read at all (retried by the next run)
       index/CURRENT.json           points to the newest id index generation
       index/ids-<gen>.parquet      id -> (segment, row), sorted by id (schemas.tables.INDEX_SCHEMA)
@@ -21,10 +21,15 @@ Names:
 
 * ``<segment>`` is the shard's file stem plus a hash of its full URL, so the
   same shard always maps to the same segment (retries overwrite, never add).
-* ``<source>`` is a hash of the shard's source fingerprint (size + fsspec
-  ``ukey``: mtime on local disk, ETag on object stores). A shard whose source
-  changes is written to a new data folder; its commit record is then replaced
-  atomically, so readers see either the old rows or the new ones.
+* ``<source>`` is a hash of the shard's source fingerprint (size, and mtime
+  on local disk or the ETag/checksum on object stores), plus ``.r<N>`` when a
+  shard is re-indexed from an unchanged source (``--force``). A new version is
+  always written to a new data folder (and dead-letter table); its commit
+  record is then replaced atomically, so readers see either the old rows or
+  the new ones, and a crash while writing never touches committed data.
+  Superseded versions stay one job longer (listed as ``retired`` in
+  index/CURRENT.json) so that readers holding the previous snapshot keep
+  working; the next job's finalize step deletes them.
 
 Token arrays use Zarr's sharding codec with one shard per segment and one
 image per inner chunk, uncompressed (fp16 tokens barely compress). Any Zarr v3
@@ -74,18 +79,19 @@ def segment_name(shard_url: str) -> str:
     return f"{stem}-{short_hash(shard_url)}"
 
 
-def segment_data_path(segment: str, source_fingerprint: dict) -> str:
+def segment_data_path(segment: str, source_fingerprint: dict, revision: int = 0) -> str:
     """Relative path of the data group of one version of a shard."""
-    key = f"{source_fingerprint.get('size')}:{source_fingerprint.get('ukey')}"
-    return f"{SEGMENTS}/{segment}.{short_hash(key, 12)}"
+    key = f"{source_fingerprint.get('size')}:{source_fingerprint.get('version')}"
+    return f"{SEGMENTS}/{segment}.{short_hash(key, 12)}" + (f".r{revision}" if revision else "")
 
 
 def commit_path(segment: str) -> tuple[str, str]:
     return (COMMITS, f"{segment}.json")
 
 
-def rejected_path(segment: str) -> tuple[str, str]:
-    return (REJECTED, f"{segment}.parquet")
+def rejected_path(data_path: str) -> tuple[str, str]:
+    """Dead-letter table of one data version (named after its data folder)."""
+    return (REJECTED, f"{data_path.rsplit('/', 1)[-1]}.parquet")
 
 
 def failed_path(segment: str) -> tuple[str, str]:

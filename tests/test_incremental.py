@@ -94,8 +94,28 @@ def test_new_shards_only_and_changed_shards_replaced(tmp_path, shards, photos, c
     new_paths = committed(store)
     seg = [s for s in new_paths if new_paths[s][0] != old_paths[s][0]]
     assert len(seg) == 1
-    assert not os.path.exists(os.path.join(store, old_paths[seg[0]][0]))  # old rows gone
+    old_data = os.path.join(store, old_paths[seg[0]][0])
+    assert os.path.exists(old_data)  # kept one job longer for readers of the previous snapshot
     assert verify_json(store, "--deep")["ok"]
+    index(pattern, store, capsys=capsys)  # the next job deletes it
+    assert not os.path.exists(old_data) and verify_json(store, "--deep")["ok"]
+
+
+def test_force_never_touches_committed_data_even_when_killed(tmp_path, shards):
+    _, pattern = shards
+    store = str(tmp_path / "store")
+    assert index(pattern, store) == 0
+    before = contents(store)
+    cmd = [sys.executable, os.path.join(HERE, "crash_runner.py"), "write", "2", "--",
+           "index", "--input", pattern, "--store", store, *TINY, "--force"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert contents(store) == before  # readers still see every committed row
+    assert index(pattern, store, "--force") == 0
+    assert contents(store) == before and verify_json(store, "--deep")["ok"]
+    # every shard now lives in a new folder: r1, or r2 for the one the killed run had already redone
+    revisions = sorted(c["revision"] for c in read_commits(Location(store)).values())
+    assert revisions == [1, 1, 1, 2]
 
 
 @pytest.mark.parametrize("point, nth", [("read", 2), ("write", 2), ("commit", 3), ("index", 1)])

@@ -26,7 +26,7 @@ from transforms import decode_torch
 from transforms.decode import DEFAULT_MAX_PIXELS, DecodeRejected, decode_image
 from transforms.encode import TokenEncoder
 from transforms.shards import Rejection, Sample, ShardReadStats, iter_shard
-from transforms.write import read_rejected, write_rejected, write_segment_data
+from transforms.write import write_rejected, write_segment_data
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,13 @@ SOFTWARE_VERSION = "0.1.0"
 class ShardTask:
     url: str
     segment: str
-    fingerprint: dict  # {"size": ..., "ukey": ...}; see pipeline/plan.py
+    fingerprint: dict  # {"size": ..., "version": ...}; see pipeline/plan.py
+    revision: int = 0  # > 0: re-indexing an unchanged source; never overwrite committed data
+    replaces: str | None = None  # data_path of the committed version this task supersedes
 
     @property
     def data_path(self) -> str:
-        return layout.segment_data_path(self.segment, self.fingerprint)
+        return layout.segment_data_path(self.segment, self.fingerprint, self.revision)
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
 
     tw = time.perf_counter()
     checksums = write_segment_data(loc, task.data_path, ids, values, scales, settings.quantization)
-    write_rejected(loc, task.segment, rejected)
+    write_rejected(loc, task.data_path, rejected)
     write_s = time.perf_counter() - tw
 
     by_reason = collections.Counter(r["reason"] for r in rejected)
@@ -201,6 +203,7 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
         "software_version": SOFTWARE_VERSION,
         "segment": task.segment,
         "data_path": task.data_path,
+        "revision": task.revision,
         "shard": task.url,
         "source": {**task.fingerprint, "bytes_read": stats.size, "sha256": stats.sha256},
         "identity_sha256": settings.identity_sha256,
@@ -222,11 +225,9 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
     if record["samples_read"] != record["indexed"] + record["rejected"]:
         raise RuntimeError(f"accounting error in {task.url}: {record['samples_read']} read, "
                            f"{record['indexed']} indexed, {record['rejected']} rejected")
-    old = loc.read_json(*layout.commit_path(task.segment)) if loc.exists(*layout.commit_path(task.segment)) else None
     loc.write_json_atomic(record, *layout.commit_path(task.segment))  # the commit point
     loc.remove(*layout.failed_path(task.segment))
-    if old and old.get("data_path") != task.data_path:
-        loc.remove(old["data_path"])  # the source changed: the old rows are no longer visible
+    # A superseded version stays until the next job's finalize (pipeline/maintenance.py).
     log.info("committed %s: %d indexed, %d rejected, %.1f images/s", task.url, len(ids), record["rejected"],
              len(ids) / max(record["timings_s"]["total"], 1e-9))
     return record
@@ -240,4 +241,4 @@ def _fail(loc: Location, task: ShardTask, e: Exception) -> dict:
     return record
 
 
-__all__ = ["IndexSettings", "ShardTask", "index_shard", "read_rejected"]
+__all__ = ["IndexSettings", "ShardTask", "index_shard"]

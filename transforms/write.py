@@ -59,14 +59,14 @@ def write_segment_data(loc: Location, data_path: str, ids: list[str], values: np
     return checksums
 
 
-def write_rejected(loc: Location, segment: str, rows: list[dict]) -> None:
+def write_rejected(loc: Location, data_path: str, rows: list[dict]) -> None:
     table = pa.Table.from_pylist(rows, schema=tables.REJECTED_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    loc.write_bytes_atomic(buf.getvalue(), *layout.rejected_path(segment))
+    loc.write_bytes_atomic(buf.getvalue(), *layout.rejected_path(data_path))
 
 
-def read_rejected(loc: Location, segment: str) -> pa.Table:
-    if not loc.exists(*layout.rejected_path(segment)):
+def read_rejected(loc: Location, data_path: str) -> pa.Table:
+    if not loc.exists(*layout.rejected_path(data_path)):
         return tables.REJECTED_SCHEMA.empty_table()
-    return pq.read_table(io.BytesIO(loc.read_bytes(*layout.rejected_path(segment))))
+    return pq.read_table(io.BytesIO(loc.read_bytes(*layout.rejected_path(data_path))))
