@@ -370,3 +370,25 @@ def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, m
     bad = next(r for r in rows if r["reason"] == "bad_id")
     assert bad["id"] is None and "not valid UTF-8" in bad["message"] and bad["member"].startswith("caf")
     assert sorted(TokenStore.open(str(tmp_path / "store")).ids()) == ["ok1", "ok2", "video"]
+
+
+def test_images_queued_behind_a_timed_out_decode_are_not_rejected(tmp_path, monkeypatch):
+    """One decode thread, a 1 s timeout, a 3 s decode: only the slow image is a timeout."""
+    import transforms.indexer
+    from tests.conftest import image_bytes, write_tar
+    from PIL import Image
+
+    real = transforms.indexer.decode_image
+
+    def decode(data, pp, max_pixels):
+        if data.startswith(b"\x89PNG"):
+            time.sleep(3)
+        return real(data, pp, max_pixels)
+
+    monkeypatch.setattr(transforms.indexer, "decode_image", decode)
+    im = Image.new("RGB", (40, 30), (20, 100, 10))
+    members = [("slow.png", image_bytes(im, "PNG"))] + [(f"fast{i}.jpg", image_bytes(im, "JPEG")) for i in range(3)]
+    shard = write_tar(tmp_path / "queue.tar", members)
+    res = index(shard, tmp_path / "store", "--decode-timeout", "1", "--decode-threads", "1")
+    assert res.rc == 0, res.stderr
+    assert res.summary["rejected_by_reason"] == {"timeout": 1} and res.summary["images_indexed"] == 3

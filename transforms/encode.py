@@ -188,15 +188,16 @@ class TokenEncoder:
             raise ValueError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
         self.precision = precision
         self.model = model
-        # Shared LoadedModel stays on the CPU; each encoder moves its own copy.
-        self.backbone = model.backbone.to(self.device) if self.device.type != "cpu" else model.backbone
-        self.adapter = model.adapter.to(self.device) if self.device.type != "cpu" else model.adapter
+        # Module.to() moves the cached LoadedModel in place (no second copy of a
+        # ViT-L in memory), so a process serves one device; the job never mixes them.
+        self.backbone = model.backbone.to(self.device)
+        self.adapter = model.adapter.to(self.device)
         pp = model.preprocess
         self.mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._forward = self._forward_eager
-        self._staging: list[torch.Tensor | None] = [None, None]  # two pinned buffers, used in turn
-        self._turn = 0
+        # Per thread: Beam may run several bundles (threads) through one shared encoder.
+        self._local = threading.local()
         self.pad_to = batch_size if compile else None
         if compile:
             self._forward = torch.compile(self._forward_eager, dynamic=False)
@@ -208,17 +209,21 @@ class TokenEncoder:
     def _to_device(self, batch_u8: np.ndarray) -> torch.Tensor:
         """Host uint8 [B, H, W, 3] -> device tensor, via reused pinned buffers on CUDA.
 
-        Two buffers take turns: batch k+1 is staged while batch k may still be
-        running, and batch k+2 reuses k's buffer only after k was finished
-        (:meth:`finish` waits for it), so its copy has completed by then.
+        Each thread has two buffers that take turns: batch k+1 is staged while
+        batch k may still be running, and batch k+2 reuses k's buffer only
+        after the same thread finished k (:meth:`finish` waits for it), so its
+        copy has completed by then.
         """
         x = torch.from_numpy(np.ascontiguousarray(batch_u8))
         if self.device.type != "cuda":
             return x
-        self._turn ^= 1
-        buf = self._staging[self._turn]
+        local = self._local
+        if not hasattr(local, "staging"):
+            local.staging, local.turn = [None, None], 0
+        local.turn ^= 1
+        buf = local.staging[local.turn]
         if buf is None or buf.shape[1:] != x.shape[1:] or buf.shape[0] < x.shape[0]:
-            buf = self._staging[self._turn] = torch.empty((max(x.shape[0], 1),) + tuple(x.shape[1:]),
+            buf = local.staging[local.turn] = torch.empty((max(x.shape[0], 1),) + tuple(x.shape[1:]),
                                                           dtype=torch.uint8).pin_memory()
         staging = buf[: x.shape[0]]
         staging.copy_(x)

@@ -74,26 +74,20 @@ def decode_threads(settings: IndexSettings) -> int:
     return settings.decode_threads or min(16, os.cpu_count() or 2)
 
 
-def _decoded(items, pool, encoder: TokenEncoder, settings: IndexSettings):
-    """Decode on the thread pool, ``prefetch`` samples ahead, preserving order."""
-    pp = encoder.model.preprocess
-    prefetch = max(2 * settings.batch_size, 2 * decode_threads(settings))
-    pending: collections.deque = collections.deque()
+def _decoded(items, pools: list, encoder: TokenEncoder, settings: IndexSettings):
+    """Decode on a thread pool, ``prefetch`` samples ahead, preserving order.
 
-    def resolve(entry):
-        item, fut = entry
-        if fut is None:
-            return item
-        try:
-            return item, fut.result(timeout=settings.decode_timeout_s)
-        except DecodeRejected as e:
-            return Rejection(item.id, item.member, "decode", e.reason, "DecodeRejected", str(e))
-        except cf.TimeoutError:
-            fut.cancel()
-            return Rejection(item.id, item.member, "decode", "timeout", "TimeoutError",
-                             f"decoding took longer than {settings.decode_timeout_s}s")
-        except Exception as e:  # noqa: BLE001 -- any decoder failure rejects this image only
-            return Rejection(item.id, item.member, "decode", "decode_error", type(e).__name__, str(e) or repr(e))
+    ``pools[-1]`` is the pool in use. When an image's decode overruns the
+    timeout, its thread is written off: the images that have not started yet
+    move to a fresh pool, so none of them is rejected for time spent queued
+    behind it (Python cannot kill the stuck thread; it ends on its own or
+    with the process).
+    """
+    pp = encoder.model.preprocess
+    threads = decode_threads(settings)
+    prefetch = max(2 * settings.batch_size, 2 * threads)
+    pending: collections.deque = collections.deque()
+    timeout = settings.decode_timeout_s
 
     if pp.decoder == "torchvision":
         def decode(data):
@@ -101,11 +95,45 @@ def _decoded(items, pool, encoder: TokenEncoder, settings: IndexSettings):
     else:
         def decode(data):
             return decode_image(data, pp, settings.max_pixels)
+
+    def timed(data, started):
+        started.append(time.monotonic())
+        return decode(data)
+
+    def submit(item):
+        started: list[float] = []
+        return item, pools[-1].submit(timed, item.data, started), started
+
+    def write_off_stuck_thread():
+        pools[-1].shutdown(wait=False)
+        pools.append(cf.ThreadPoolExecutor(threads, thread_name_prefix="decode"))
+        for i, (item, fut, _) in enumerate(pending):
+            if fut is not None and fut.cancel():  # not started: decode it on the new pool
+                pending[i] = submit(item)
+
+    def resolve(entry):
+        item, fut, started = entry
+        if fut is None:
+            return item
+        try:
+            try:
+                return item, fut.result(timeout=timeout)
+            except cf.TimeoutError:
+                if started and time.monotonic() - started[0] < timeout:  # it started late: give it its full time
+                    return item, fut.result(timeout=timeout - (time.monotonic() - started[0]))
+                raise
+        except DecodeRejected as e:
+            return Rejection(item.id, item.member, "decode", e.reason, "DecodeRejected", str(e))
+        except cf.TimeoutError:
+            if not fut.cancel():
+                write_off_stuck_thread()
+            return Rejection(item.id, item.member, "decode", "timeout", "TimeoutError",
+                             f"decoding took longer than {timeout}s")
+        except Exception as e:  # noqa: BLE001 -- any decoder failure rejects this image only
+            return Rejection(item.id, item.member, "decode", "decode_error", type(e).__name__, str(e) or repr(e))
+
     for item in items:
-        if isinstance(item, Sample):
-            pending.append((item, pool.submit(decode, item.data)))
-        else:
-            pending.append((item, None))
+        pending.append(submit(item) if isinstance(item, Sample) else (item, None, None))
         while len(pending) > prefetch:
             yield resolve(pending.popleft())
     while pending:
@@ -164,9 +192,9 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
         encode_s += time.perf_counter() - te
 
     # Not a `with` block: its exit would wait for a decoder stuck past its timeout.
-    pool = cf.ThreadPoolExecutor(decode_threads(settings), thread_name_prefix="decode")
+    pools = [cf.ThreadPoolExecutor(decode_threads(settings), thread_name_prefix="decode")]
     try:
-        for out in _decoded(iter_shard(task.url, settings.id_policy, stats), pool, encoder, settings):
+        for out in _decoded(iter_shard(task.url, settings.id_policy, stats), pools, encoder, settings):
             if isinstance(out, Rejection):
                 rejected.append(_rejection_row(task, out))
                 continue
@@ -182,7 +210,7 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
             raise  # damage after the shard started is handled inside iter_shard; anything else is a bug
         return _fail(loc, task, e)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pools[-1].shutdown(wait=False, cancel_futures=True)
     read_s = time.perf_counter() - t0
 
     m, d = encoder.model.identity["tokens_per_image"], encoder.model.identity["token_dim"]
