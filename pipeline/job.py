@@ -221,7 +221,7 @@ def run_job(cfg: JobConfig) -> JobResult:
                              id_policy=cfg.id_policy, batch_size=cfg.batch_size, decode_threads=cfg.decode_threads,
                              decode_timeout_s=cfg.decode_timeout_s)
     loc = Location(cfg.store)
-    with StoreLock(loc).acquire(wait_s=cfg.lock_wait_s):
+    with StoreLock(loc).acquire(wait_s=cfg.lock_wait_s) as lock:
         prepare_store(loc, metadata)
         the_plan = plan(urls, read_commits(loc), force=cfg.force)
         log.info("plan: %d to index (%d changed), %d already committed", len(the_plan.todo), len(the_plan.changed),
@@ -241,6 +241,7 @@ def run_job(cfg: JobConfig) -> JobResult:
             finally:
                 stop.set()
         seconds = time.perf_counter() - t0
+        lock.check()  # the store-level writes below need the lock still ours
         commits = read_commits(loc)
         index = load_index(loc, commits)
         retired = retire([t.replaces for t in the_plan.todo

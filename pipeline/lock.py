@@ -89,9 +89,8 @@ class StoreLock:
                 other = None  # being created or removed right now: look again
             if other is not None:
                 why = self._is_stale(other)
-                if why:
-                    log.warning("taking over a stale lock on %s (%s)", self.loc.url, why)
-                    self.loc.remove(layout.LOCK)
+                if why and self._break(other):
+                    log.warning("took over a stale lock on %s (%s)", self.loc.url, why)
                     continue
             if time.monotonic() >= deadline:
                 holder = f"{other.get('host')} pid {other.get('pid')}" if other else "another job"
@@ -103,8 +102,53 @@ class StoreLock:
         self._thread.start()
         return self
 
+    def _break(self, stale: dict) -> bool:
+        """Remove the stale lock ``stale``, and only it.
+
+        Locally the lock is first renamed to a name of our own (atomic: of
+        several contenders exactly one gets it), then checked to be the stale
+        one we judged; if another job had just replaced it, it is put back.
+        """
+        if not self.loc.is_local:
+            self.loc.remove(layout.LOCK)
+            return True
+        path = self.loc.path(layout.LOCK)
+        mine = f"{path}.breaking-{self.info['token']}"
+        try:
+            os.rename(path, mine)
+        except FileNotFoundError:
+            return False  # someone else broke it first
+        with open(mine, "rb") as f:
+            taken = json.loads(f.read() or b"{}")
+        if taken.get("token") == stale.get("token"):
+            os.remove(mine)
+            return True
+        try:  # a live lock: give it back unless a third job holds the name now
+            os.link(mine, path)
+        except FileExistsError:
+            pass
+        os.remove(mine)
+        return False
+
+    def lost(self) -> bool:
+        """True if the lock file is no longer ours (taken over while we were stalled)."""
+        try:
+            return json.loads(self.loc.read_bytes(layout.LOCK)).get("token") != self.info["token"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return True
+
+    def check(self) -> None:
+        """Raise before a store-level write if another job owns the store now."""
+        if self.lost():
+            raise StoreLocked(f"lost the lock on {self.loc.url} (this job stalled past {self.stale_after_s:.0f}s "
+                              "and another job took over); run the command again")
+
     def _beat(self):
         while not self._stop.wait(self.heartbeat_s):
+            if self.lost():
+                log.error("the store lock on %s was taken over by another job; this job will stop before "
+                          "its finalize step", self.loc.url)
+                return
             try:
                 self.loc.write_bytes_atomic(self._payload(), layout.LOCK)
             except OSError as e:
