@@ -162,7 +162,10 @@ def _cmd_remove(args) -> int:
         if unknown:
             raise ValueError(f"not committed in this store: {', '.join(unknown)}")
         if not shards:
-            raise ValueError("nothing to remove: pass --missing or --shard URL")
+            if not args.missing:
+                raise ValueError("nothing to remove: pass --missing or --shard URL")
+            print("no committed shard is missing from the corpus: nothing to remove")
+            return 0
         remove_segments(loc, [by_shard[s] for s in shards])
     for s in shards:
         print(f"removed {s}")

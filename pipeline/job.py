@@ -197,7 +197,26 @@ def _progress(loc: Location, todo: dict[str, ShardTask], stop: threading.Event, 
         log.info("progress: %d/%d shards committed, %d images, %.1f images/s", len(seen), len(todo), n, n / el)
 
 
+def _unknown_beam_args(beam_args: list[str]) -> list[str]:
+    """The arguments no Beam options class defines (Beam itself only warns about them)."""
+    import argparse
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, conflict_handler="resolve")
+    for cls in set(subclasses(PipelineOptions)):
+        cls._add_argparse_args(parser)
+    return [a for a in parser.parse_known_args(beam_args)[1] if a.startswith("-")]
+
+
 def beam_options(beam_args: list[str]) -> PipelineOptions:
+    unknown = _unknown_beam_args(beam_args)
+    if unknown:
+        raise ValueError(f"unknown option(s) {' '.join(unknown)}: neither an edje-index flag nor a Beam pipeline "
+                         f"option (see 'edje-index index --help')")
     opts = PipelineOptions(beam_args)
     if not opts.view_as(StandardOptions).runner:
         opts.view_as(StandardOptions).runner = DEFAULT_RUNNER

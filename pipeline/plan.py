@@ -14,6 +14,17 @@ from transforms.indexer import ShardTask
 _GLOB_CHARS = set("*?[")
 
 
+def _split_top_level_commas(pattern: str) -> list[str]:
+    """``a.tar,b-{1,2}.tar`` -> ``["a.tar", "b-{1,2}.tar"]``: commas inside braces are brace lists."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(pattern):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    return parts + [pattern[start:]]
+
+
 def expand_pattern(pattern: str) -> list[str]:
     """Comma lists, brace ranges, globs; local paths or fsspec URLs. Sorted, unique.
 
@@ -22,7 +33,7 @@ def expand_pattern(pattern: str) -> list[str]:
     matches nothing contributes nothing.
     """
     urls: list[str] = []
-    for part in (p.strip() for p in pattern.split(",")):
+    for part in (p.strip() for p in _split_top_level_commas(pattern)):
         if not part:
             continue
         for name in braceexpand(part):

@@ -226,3 +226,10 @@ def test_torchvision_decoder_path(tmp_path, corpus):
         other = reference_tokens(pillow, data)
         assert cosine_similarity(torch.from_numpy(ref).flatten(), torch.from_numpy(other).flatten(), dim=0) > 0.95
     assert pq.read_table(os.path.join(store, "rejected")).column("id").to_pylist() == bad
+
+
+def test_a_mistyped_flag_is_an_error_not_a_beam_option(tmp_path, corpus, capsys):
+    pattern, _, _ = corpus
+    rc = main(["index", "--input", pattern, "--store", str(tmp_path / "s"), *TINY, "--quantise", "int8"])
+    assert rc == 2 and "unknown option(s) --quantise" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "s")
