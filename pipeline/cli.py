@@ -93,7 +93,7 @@ def _cmd_index(args, beam_args) -> int:
                     lock_wait_s=args.lock_wait, decode_timeout_s=args.decode_timeout, beam_args=beam_args)
     result = run_job(cfg)
     out = result.to_dict()
-    out["bytes_per_image"] = summarize(args.store)["bytes_per_image"]
+    out["bytes_per_image"] = summarize(args.store, check_sources=False)["bytes_per_image"]
     if args.json:
         print(json.dumps(out, indent=1))
     else:

@@ -15,7 +15,8 @@ def _data_bytes(loc: Location, data_path: str) -> int:
     return sum(loc.du(data_path, name, "c") for name in (layout.TOKENS, layout.SCALES, layout.IDS))
 
 
-def summarize(url: str) -> dict:
+def summarize(url: str, check_sources: bool = True) -> dict:
+    """``check_sources``: also look up every committed shard's source (one request per shard)."""
     loc = Location(url)
     meta = open_metadata(loc)
     commits = read_commits(loc)
@@ -55,7 +56,7 @@ def summarize(url: str) -> dict:
         "duplicate_ids": index.duplicates.num_rows,
         "incomplete_shards": sorted(c["shard"] for c in commits.values() if not c["complete"]),
         "failed_shards": sorted(f["shard"] for f in failed),
-        "missing_shards": missing_sources(commits),
+        "missing_shards": missing_sources(commits) if check_sources else None,
         "uncommitted_data": uncommitted,
         "schema_version": meta["schema_version"],
         "software_version": meta["software_version"],
@@ -81,7 +82,7 @@ def format_summary(s: dict) -> str:
         f"duplicate ids    {s['duplicate_ids']}",
     ]
     for key in ("incomplete_shards", "failed_shards", "missing_shards", "uncommitted_data"):
-        if s[key]:
+        if s.get(key):
             lines.append(f"{key.replace('_', ' '):17s}{len(s[key])}: {', '.join(s[key][:5])}"
                          + (" ..." if len(s[key]) > 5 else ""))
     return "\n".join(lines)

@@ -72,11 +72,15 @@ def verify(url: str, deep: bool = False) -> dict:
         if total != sum(c["rows"] for c in commits.values()):
             problems.append(f"the id index holds {total} rows, the segments {sum(c['rows'] for c in commits.values())}")
         elif deep:
-            for seg, c in commits.items():
-                stored = zarr.open_group(loc.url_of(c["data_path"]), mode="r")[layout.IDS][...]
-                part = index.table.filter(np.asarray(index.table["segment"].to_numpy(zero_copy_only=False) == seg))
-                rows = part["row"].to_numpy()
-                if (rows >= len(stored)).any() or list(stored[rows]) != part["id"].to_pylist():
+            segs = index.table["segment"].to_numpy(zero_copy_only=False)
+            rows_all, ids_all = index.table["row"].to_numpy(), index.table["id"].to_numpy(zero_copy_only=False)
+            order = np.argsort(segs, kind="stable")
+            bounds = np.flatnonzero(np.r_[True, segs[order][1:] != segs[order][:-1], True])
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                seg, pick = segs[order[lo]], order[lo:hi]
+                stored = zarr.open_group(loc.url_of(commits[seg]["data_path"]), mode="r")[layout.IDS][...]
+                rows = rows_all[pick]
+                if (rows >= len(stored)).any() or list(stored[rows]) != list(ids_all[pick]):
                     problems.append(f"the id index disagrees with the ids stored in segment {seg}")
         if index.duplicates.num_rows:
             warnings.append(f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "

@@ -68,14 +68,18 @@ def short_hash(text: str, n: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def segment_name(shard_url: str) -> str:
-    """Deterministic segment name of an input shard."""
-    stem = shard_url.rstrip("/").rsplit("/", 1)[-1]
+def shard_stem(url: str) -> str:
+    """File name of a shard without its tar extension (``.../shard-000001.tar`` -> ``shard-000001``)."""
+    stem = url.rstrip("/").rsplit("/", 1)[-1]
     for ext in (".tar.gz", ".tgz", ".tar"):
         if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:80] or "shard"
+            return stem[: -len(ext)]
+    return stem
+
+
+def segment_name(shard_url: str) -> str:
+    """Deterministic segment name of an input shard."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", shard_stem(shard_url))[:80] or "shard"
     return f"{stem}-{short_hash(shard_url)}"
 
 

@@ -163,9 +163,10 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, settings: IndexSettings)
                 good_ids[j], good_members[j], "encode", "non_finite_tokens", "NonFiniteTokens",
                 f"the model produced NaN/inf tokens (or values beyond {settings.quantization}'s range)")))
         keep = np.flatnonzero(finite)
-        values_parts.append(values[keep])
+        everything = len(keep) == len(finite)
+        values_parts.append(values if everything else values[keep])
         if scales is not None:
-            scales_parts.append(scales[keep])
+            scales_parts.append(scales if everything else scales[keep])
         ids.extend(good_ids[j] for j in keep)
 
     def flush(last: bool = False):

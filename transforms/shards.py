@@ -23,6 +23,8 @@ from typing import Iterator
 import fsspec
 from webdataset.tariterators import base_plus_ext
 
+from schemas.layout import shard_stem
+
 # The image member of a sample is the first of these extensions it has; any
 # other image members are ignored (counted as ``extra_image_members``).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -96,14 +98,6 @@ class _HashingReader(io.RawIOBase):
     def drain(self):
         while self.read(1 << 20):
             pass
-
-
-def shard_stem(url: str) -> str:
-    stem = url.rstrip("/").rsplit("/", 1)[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if stem.endswith(ext):
-            return stem[: -len(ext)]
-    return stem
 
 
 def _printable(text: str) -> str:
