@@ -3,7 +3,7 @@
 Usage: python tests/crash_runner.py POINT N -- edje-index arguments...
 POINT is where to die, the N-th time it is reached:
   read    while reading a shard (after its first samples were decoded)
-  write   while writing a segment (tokens written, ids not yet)
+  write   while writing a segment (its arrays written, dead letters and commit not yet)
   commit  between data and commit (the commit record's temp file written, not renamed)
   index   after every shard committed, before the id index is published
 """
