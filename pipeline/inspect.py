@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 
+from pipeline.maintenance import find_uncommitted, missing_sources
 from schemas import layout
 from schemas.index import load_index, read_commits, retired_paths
 from schemas.storage import Location
@@ -28,11 +29,7 @@ def summarize(url: str, check_sources: bool = True) -> dict:
     images = index.table.num_rows
     token_bytes = sum(_data_bytes(loc, c["data_path"]) for c in commits.values())
     index_bytes = loc.du(layout.INDEX)
-    from pipeline.maintenance import find_uncommitted
-
     uncommitted = find_uncommitted(loc, commits, keep=retired_paths(loc))
-    from pipeline.maintenance import missing_sources
-
     failed = [loc.read_json(layout.FAILED, n) for n in loc.list(layout.FAILED) if n.endswith(".json")]
     return {
         "store": url,
