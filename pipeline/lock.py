@@ -22,8 +22,8 @@ import socket
 import threading
 import time
 
-from schemas import layout
-from schemas.storage import Location
+from edje_indexer.schemas import layout
+from edje_indexer.schemas.storage import Location
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import fsspec
 
-from schemas import layout
-from schemas.index import load_index, read_commits, retired_paths, write_index
-from schemas.storage import Location
+from edje_indexer.schemas import layout
+from edje_indexer.schemas.index import load_index, read_commits, retired_paths, write_index
+from edje_indexer.schemas.storage import Location
 
 _SIDE_FOLDERS = (layout.COMMITS, layout.REJECTED, layout.FAILED, layout.INDEX)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import fsspec
 from braceexpand import braceexpand
 
-from schemas import layout
-from transforms.indexer import ShardTask
+from edje_indexer.schemas import layout
+from edje_indexer.transforms.indexer import ShardTask
 
 _GLOB_CHARS = set("*?[")
 

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline.maintenance import find_uncommitted, missing_sources
-from schemas import layout
-from schemas.index import load_index, read_commits, retired_paths
-from schemas.storage import Location
-from schemas.store import open_metadata
-from transforms.write import ids_checksum, token_checksum
+from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
+from edje_indexer.schemas import layout
+from edje_indexer.schemas.index import load_index, read_commits, retired_paths
+from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.store import open_metadata
+from edje_indexer.transforms.write import ids_checksum, token_checksum
 
 
 def verify(url: str, deep: bool = False) -> dict:

@@ -1,7 +1,7 @@
 """Reference reranker: EDJE's online joint encoder reading a token store (optional extra ``[rerank]``).
 
-    from rerank import Reranker, load_reranker
-    from schemas.store import TokenStore
+    from edje_indexer.rerank import Reranker, load_reranker
+    from edje_indexer.schemas.store import TokenStore
 
     model, tokenizer = load_reranker("path/to/model_dir")
     hits = Reranker(model, tokenizer, TokenStore.open(url)).rerank("a dog on a beach", candidate_ids)
@@ -25,7 +25,7 @@ __all__ = list(_MODEL_NAMES)
 
 def __getattr__(name: str):
     if name in _MODEL_NAMES:
-        from rerank import model
+        from edje_indexer.rerank import model
 
         return getattr(model, name)
     raise AttributeError(f"module 'rerank' has no attribute {name!r}")

@@ -41,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no reranker model: pass --model DIR (config.json, weights, tokenizer files) "
                          f"or set {MODEL_ENV}")
     try:
-        from rerank.model import Reranker, load_reranker
+        from edje_indexer.rerank.model import Reranker, load_reranker
     except ImportError as e:
         msg = str(e)
         if "edje-indexer[rerank]" not in msg:
             msg = f"the rerank command needs the [rerank] extra: pip install 'edje-indexer[rerank]' ({msg})"
         raise RuntimeError(msg) from e
-    from schemas.store import TokenStore
+    from edje_indexer.schemas.store import TokenStore
 
     store = TokenStore.open(args.store)
     model, tokenizer = load_reranker(args.model)
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m rerank.cli``), same arguments and exit codes as the subcommand."""
-    args = add_arguments(argparse.ArgumentParser(prog="python -m rerank.cli", description=__doc__.split("\n\n")[0])) \
+    """Stand-alone entry point (``python -m edje_indexer.rerank.cli``), same arguments and exit codes as the subcommand."""
+    args = add_arguments(argparse.ArgumentParser(prog="python -m edje_indexer.rerank.cli", description=__doc__.split("\n\n")[0])) \
         .parse_args(argv)
     try:
         return run(args)

@@ -537,7 +537,7 @@ class Reranker:
         if not self.decode_on_device:
             x = torch.from_numpy(self.store.get(ids, out=out))
             return x.to(self.device) if self.device.type != "cpu" else x
-        from schemas.quantization import decode_torch
+        from edje_indexer.schemas.quantization import decode_torch
 
         values, scales = self.store.get_raw(ids)
         nb = self.device.type == "cuda"

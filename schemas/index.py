@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from schemas import layout, tables
-from schemas.storage import Location
+from edje_indexer.schemas import layout, tables
+from edje_indexer.schemas.storage import Location
 
 
 def read_commits(loc: Location) -> dict[str, dict]:

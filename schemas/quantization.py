@@ -60,11 +60,13 @@ def encode(x, quantization: str):
     x = x.float()
     if quantization == "fp16":
         return x.to(torch.float16), None
-    exact = x.abs().amax(dim=-1) / INT8_MAX
+    amax = x.abs().amax(dim=-1)
+    exact = amax / INT8_MAX
     scale = exact.to(torch.float16)
     # Round the scale up to the next float16 where casting rounded it down:
     # positive float16 values order like their bit patterns.
-    low = scale.float() < exact
+    # (A token of float32 denormals divides to exactly 0: it still needs a non-zero scale.)
+    low = (scale.float() < exact) | ((scale == 0) & (amax > 0))
     scale = torch.where(low, (scale.view(torch.int16) + 1).view(torch.float16), scale)
     s = scale.float().unsqueeze(-1)
     # A token that is all zeros has scale 0; any value divides to 0 there.

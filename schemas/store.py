@@ -40,9 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
 
-from schemas import layout, quantization
-from schemas.index import load_index, read_commits
-from schemas.storage import Location
+from edje_indexer.schemas import layout, quantization
+from edje_indexer.schemas.index import load_index, read_commits
+from edje_indexer.schemas.storage import Location
 
 SHARD_INDEX_ENTRY = 16  # two little-endian uint64 per inner chunk: offset, nbytes
 SHARD_INDEX_CRC = 4

@@ -11,13 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo import packaged_photos
+from edje_indexer.pipeline.demo import packaged_photos
+from helpers import image_bytes, write_tar
 
-
-def image_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -32,15 +28,6 @@ def photos() -> list[tuple[str, Image.Image]]:
     return out
 
 
-def write_tar(path, members: list[tuple[str, bytes]]) -> str:
-    """A tar with exactly these members, in this order."""
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import os
 import signal
 import sys
 
-import pipeline.job
-import schemas.storage
-import transforms.indexer
-import transforms.write
-from pipeline.cli import main
+from edje_indexer.pipeline import job as pipeline_job
+from edje_indexer.schemas import storage as schemas_storage
+from edje_indexer.transforms import indexer as transforms_indexer
+from edje_indexer.transforms import write as transforms_write
+from edje_indexer.pipeline.cli import main
 
 point, nth = sys.argv[1], int(sys.argv[2])
 argv = sys.argv[sys.argv.index("--") + 1:]
@@ -31,7 +31,7 @@ def maybe_die():
 
 
 if point == "read":
-    original_iter = transforms.indexer.iter_shard
+    original_iter = transforms_indexer.iter_shard
 
     def iter_shard(*a, **kw):
         for i, item in enumerate(original_iter(*a, **kw)):
@@ -39,17 +39,17 @@ if point == "read":
                 maybe_die()
             yield item
 
-    transforms.indexer.iter_shard = iter_shard
+    transforms_indexer.iter_shard = iter_shard
 elif point == "write":
-    original_ids = transforms.write.ids_checksum
+    original_ids = transforms_write.ids_checksum
 
     def ids_checksum(ids):
         maybe_die()
         return original_ids(ids)
 
-    transforms.write.ids_checksum = ids_checksum
+    transforms_write.ids_checksum = ids_checksum
 elif point == "commit":
-    original_replace = schemas.storage.os.replace
+    original_replace = schemas_storage.os.replace
 
     class _Os:
         def __getattr__(self, name):
@@ -61,15 +61,15 @@ elif point == "commit":
                 maybe_die()
             return original_replace(src, dst)
 
-    schemas.storage.os = _Os()
+    schemas_storage.os = _Os()
 elif point == "index":
-    original_write_index = pipeline.job.write_index
+    original_write_index = pipeline_job.write_index
 
     def write_index(*a, **kw):
         maybe_die()
         return original_write_index(*a, **kw)
 
-    pipeline.job.write_index = write_index
+    pipeline_job.write_index = write_index
 else:
     raise SystemExit(f"unknown crash point {point}")
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipeline.presets import resolve_spec
-from transforms import AdapterConfig, EDJEAdapter, load_adapter_state, load_model
+from edje_indexer.pipeline.presets import resolve_spec
+from edje_indexer.transforms import AdapterConfig, EDJEAdapter, load_adapter_state, load_model
 
 CFG = AdapterConfig(embed_dim=32, num_heads=4, num_queries=6, out_dim=16, mlp_hidden=64, ln_eps=1e-6)
 
@@ -93,7 +93,7 @@ def test_presets_are_deterministic():
     a, b = load_model(resolve_spec("tiny")), load_model(resolve_spec("tiny"))
     assert a.identity == b.identity
     x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8).numpy()
-    from transforms import TokenEncoder
+    from edje_indexer.transforms import TokenEncoder
 
     torch.testing.assert_close(TokenEncoder(a, "fp16").encode_float(x), TokenEncoder(b, "fp16").encode_float(x),
                                rtol=0, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 
-from benchmarks import incremental, throughput
+from edje_indexer.benchmarks import incremental, throughput
 
 
 def _positive(x) -> bool:

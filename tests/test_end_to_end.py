@@ -11,10 +11,10 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cli import main
-from pipeline.presets import PRESETS
-from schemas import TokenStore
-from transforms import TokenEncoder, decode_image, load_model
+from edje_indexer.pipeline.cli import main
+from edje_indexer.pipeline.presets import PRESETS
+from edje_indexer.schemas import TokenStore
+from edje_indexer.transforms import TokenEncoder, decode_image, load_model
 
 TINY = ["--preset", "tiny", "--batch-size", "3"]
 
@@ -207,8 +207,8 @@ def test_torchvision_decoder_path(tmp_path, corpus):
     """The decoder that uses nvJPEG on GPUs, run with the CPU as its device."""
     from torch.nn.functional import cosine_similarity
 
-    from pipeline.presets import resolve_spec
-    from transforms import decode_torch
+    from edje_indexer.pipeline.presets import resolve_spec
+    from edje_indexer.transforms import decode_torch
 
     pattern, images, bad = corpus
     store = str(tmp_path / "store")

@@ -25,18 +25,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-try:
-    import hostile as H
-except ImportError:  # tests/ imported as a package
-    from tests import hostile as H
+import hostile as H
 
-from pipeline.cli import main
-from pipeline.inspect import summarize
-from pipeline.presets import PRESETS
-from schemas import layout
-from schemas.store import TokenStore
-from transforms.decode import DecodeRejected, decode_image
-from transforms.shards import IMAGE_EXTENSIONS
+from edje_indexer.pipeline.cli import main
+from edje_indexer.pipeline.summary import summarize
+from edje_indexer.pipeline.presets import PRESETS
+from edje_indexer.schemas import layout
+from edje_indexer.schemas.store import TokenStore
+from edje_indexer.transforms.decode import DecodeRejected, decode_image
+from edje_indexer.transforms.shards import IMAGE_EXTENSIONS
 from webdataset.tariterators import base_plus_ext
 
 PP = PRESETS["tiny"].preprocess
@@ -318,19 +315,19 @@ def test_a_stuck_decoder_is_rejected_by_timeout_not_a_hang(tmp_path, monkeypatch
     """A decoder that never returns costs one image (reason 'timeout'), not the job."""
     import threading
 
-    import transforms.indexer
-    from tests.conftest import image_bytes, write_tar
+    from edje_indexer.transforms import indexer as transforms_indexer
+    from helpers import image_bytes, write_tar
     from PIL import Image
 
     release = threading.Event()
-    real = transforms.indexer.decode_image
+    real = transforms_indexer.decode_image
 
     def decode(data, pp, max_pixels):
         if data.startswith(b"\x89PNG"):
             release.wait(60)  # stands in for a pathological decode
         return real(data, pp, max_pixels)
 
-    monkeypatch.setattr(transforms.indexer, "decode_image", decode)
+    monkeypatch.setattr(transforms_indexer, "decode_image", decode)
     im = Image.new("RGB", (40, 30), (200, 10, 10))
     shard = write_tar(tmp_path / "stuck.tar", [("a.jpg", image_bytes(im, "JPEG")), ("stuck.png", image_bytes(im, "PNG")),
                                                ("b.jpg", image_bytes(im, "JPEG"))])
@@ -346,11 +343,11 @@ def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, m
     """A Latin-1 member name and a too-large image member cost their sample only."""
     import tarfile
 
-    import transforms.shards
+    from edje_indexer.transforms import shards as transforms_shards
     from PIL import Image
-    from tests.conftest import image_bytes
+    from helpers import image_bytes
 
-    monkeypatch.setattr(transforms.shards, "MAX_MEMBER_BYTES", 4096)
+    monkeypatch.setattr(transforms_shards, "MAX_MEMBER_BYTES", 4096)
     small = image_bytes(Image.new("RGB", (8, 8), (0, 90, 200)), "JPEG")
     big = image_bytes(Image.effect_noise((300, 300), 80).convert("RGB"), "PNG")
     assert len(small) < 4096 < len(big)
@@ -374,18 +371,18 @@ def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, m
 
 def test_images_queued_behind_a_timed_out_decode_are_not_rejected(tmp_path, monkeypatch):
     """One decode thread, a 1 s timeout, a 3 s decode: only the slow image is a timeout."""
-    import transforms.indexer
-    from tests.conftest import image_bytes, write_tar
+    from edje_indexer.transforms import indexer as transforms_indexer
+    from helpers import image_bytes, write_tar
     from PIL import Image
 
-    real = transforms.indexer.decode_image
+    real = transforms_indexer.decode_image
 
     def decode(data, pp, max_pixels):
         if data.startswith(b"\x89PNG"):
             time.sleep(3)
         return real(data, pp, max_pixels)
 
-    monkeypatch.setattr(transforms.indexer, "decode_image", decode)
+    monkeypatch.setattr(transforms_indexer, "decode_image", decode)
     im = Image.new("RGB", (40, 30), (20, 100, 10))
     members = [("slow.png", image_bytes(im, "PNG"))] + [(f"fast{i}.jpg", image_bytes(im, "JPEG")) for i in range(3)]
     shard = write_tar(tmp_path / "queue.tar", members)

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from schemas import TokenStore, read_commits, Location
-from tests.conftest import image_bytes, write_tar
+from edje_indexer.pipeline.cli import main
+from edje_indexer.schemas import TokenStore, read_commits, Location
+from helpers import image_bytes, write_tar
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
@@ -147,7 +147,7 @@ def test_sigkill_of_the_multiprocess_tree(tmp_path, shards):
     _, pattern = shards
     clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
     assert index(pattern, clean) == 0
-    cmd = [sys.executable, "-m", "pipeline.cli", "index", "--input", pattern, "--store", crashed, *TINY,
+    cmd = [sys.executable, "-m", "edje_indexer.pipeline.cli", "index", "--input", pattern, "--store", crashed, *TINY,
            "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

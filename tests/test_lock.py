@@ -8,22 +8,10 @@ import os
 import socket
 import time
 
-from pipeline.lock import StoreLock, StoreLocked
-from schemas.storage import Location
+from helpers import lock_contender
+from edje_indexer.pipeline.lock import StoreLock, StoreLocked
+from edje_indexer.schemas.storage import Location
 
-
-def _contender(store: str, barrier, out: str) -> None:
-    barrier.wait()
-    try:
-        lock = StoreLock(Location(store)).acquire(wait_s=0)
-    except StoreLocked:
-        return
-    t0 = time.time()
-    time.sleep(0.5)
-    held_alone = not lock.lost()
-    lock.release()
-    with open(out, "a") as f:
-        f.write(json.dumps([t0, time.time(), held_alone]) + "\n")
 
 
 def test_one_holder_when_several_jobs_break_a_stale_lock(tmp_path):
@@ -36,7 +24,7 @@ def test_one_holder_when_several_jobs_break_a_stale_lock(tmp_path):
             json.dump({"host": socket.gethostname(), "pid": 2 ** 22 + 999, "token": f"dead{trial}",
                        "heartbeat": time.time()}, f)
         barrier = ctx.Barrier(6)
-        procs = [ctx.Process(target=_contender, args=(store, barrier, out)) for _ in range(6)]
+        procs = [ctx.Process(target=lock_contender, args=(store, barrier, out)) for _ in range(6)]
         for p in procs:
             p.start()
         for p in procs:

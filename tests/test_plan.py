@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline.plan import expand_pattern
+from edje_indexer.pipeline.plan import expand_pattern
 
 
 def test_patterns(tmp_path):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from schemas import quantization as q
+from edje_indexer.schemas import quantization as q
 
 magnitudes = st.floats(min_value=1e-3, max_value=1e3) | st.just(0.0)
 values = st.floats(min_value=-1.0, max_value=1.0, width=32)
@@ -73,3 +73,10 @@ def test_zero_token_and_bytes_per_image():
 def test_unknown_quantization_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         q.encode(torch.zeros(1, 1, 1), "int4")
+
+
+def test_int8_scale_covers_a_token_of_float32_denormals():
+    """max|x| / 127 underflows to 0 in float32 for denormal tokens; the scale must still cover them."""
+    x = torch.full((1, 2, 8), 1e-45)
+    stored, scales = q.encode(x, "int8")
+    assert (scales.float() * 127 >= x.abs().amax(-1)).all() and (scales > 0).all()

@@ -1,4 +1,4 @@
-"""The online reader (schemas.store.TokenStore) on small synthetic stores built with the real writer."""
+"""The online reader (edje_indexer.schemas.reader.TokenStore) on small synthetic stores built with the real writer."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import zarr
 
-import schemas.store
-from benchmarks.synthetic_store import build_synthetic_store, encode_tokens, random_tokens, write_segment
-from pipeline import cli
-from schemas import quantization
-from schemas.store import TokenStore, UnknownIdError
-from schemas.storage import Location
+from edje_indexer.schemas import store as schemas_store
+from edje_indexer.benchmarks.synthetic_store import build_synthetic_store, encode_tokens, random_tokens, write_segment
+from edje_indexer.pipeline import cli
+from edje_indexer.schemas import quantization
+from edje_indexer.schemas.store import TokenStore, UnknownIdError
+from edje_indexer.schemas.storage import Location
 
 N, PER_SEGMENT, M, D = 300, 70, 64, 384  # 5 segments, the last one short
 
@@ -190,7 +190,7 @@ def test_zarr_fallback_matches_the_mmap_path(built, store, monkeypatch):
     rows = _picks(built, seed=3)
     ids = [built.ids[r] for r in rows]
     assert isinstance(store._array(0, "tokens"), np.ndarray)  # the fast path is really used locally
-    monkeypatch.setattr(schemas.store, "_mmap_rows", lambda *a, **k: None)
+    monkeypatch.setattr(schemas_store, "_mmap_rows", lambda *a, **k: None)
     slow = TokenStore.open(built.url)
     assert isinstance(slow._array(0, "tokens"), zarr.Array)
     np.testing.assert_array_equal(slow.get(ids), store.get(ids))

@@ -18,9 +18,9 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import BertTokenizerFast  # noqa: E402
 
-from benchmarks.synthetic_store import build_synthetic_store  # noqa: E402
-from rerank import cli as rerank_cli  # noqa: E402
-from rerank.model import (  # noqa: E402
+from edje_indexer.benchmarks.synthetic_store import build_synthetic_store  # noqa: E402
+from edje_indexer.rerank import cli as rerank_cli  # noqa: E402
+from edje_indexer.rerank.model import (  # noqa: E402
     CheckpointError,
     EdjeJointEncoder,
     Reranker,
@@ -30,7 +30,7 @@ from rerank.model import (  # noqa: E402
     save_pretrained,
     tokenize,
 )
-from schemas.store import TokenStore, UnknownIdError  # noqa: E402
+from edje_indexer.schemas.store import TokenStore, UnknownIdError  # noqa: E402
 
 WORDS = ["a", "an", "the", "dog", "cat", "red", "car", "on", "in", "grass", "beach", "man", "woman", "riding",
          "bike", "street", "two", "small", "big", "water", "##s", "##ing", "photo", "of", "white", "black"]
@@ -347,7 +347,7 @@ def test_cli(model, tokenizer, store, tmp_path, capsys, monkeypatch):
 
 
 def test_edje_index_rerank_subcommand(model, tokenizer, store, tmp_path, capsys):
-    from pipeline import cli
+    from edje_indexer.pipeline import cli
 
     if "rerank" not in cli._parser()._subparsers._group_actions[0].choices:
         pytest.skip("pipeline/cli.py has no 'rerank' subcommand yet")
@@ -389,7 +389,7 @@ def test_real_minilm_text_model(store):
 
 
 def test_benchmark_smoke(capsys):
-    from benchmarks import rerank as bench
+    from edje_indexer.benchmarks import rerank as bench
 
     argv = ["--device", "cpu", "--layers", "1", "--batch-size", "4", "--pairs", "6", "--repeats", "1",
             "--text-len", "10", "--quantization", "int8"]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from transforms.decode import Preprocess, _to_rgb, open_checked
+from edje_indexer.transforms.decode import Preprocess, _to_rgb, open_checked
 
 
 class RawJpeg:

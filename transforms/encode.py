@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from schemas import quantization
-from transforms.adapter import AdapterConfig, EDJEAdapter, load_adapter_state
-from transforms.decode import Preprocess
+from edje_indexer.schemas import quantization
+from edje_indexer.transforms.adapter import AdapterConfig, EDJEAdapter, load_adapter_state
+from edje_indexer.transforms.decode import Preprocess
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from schemas import layout
-from schemas.storage import Location
-from transforms import decode_torch
-from transforms.decode import DEFAULT_MAX_PIXELS, DecodeRejected, decode_image
-from transforms.encode import TokenEncoder
-from transforms.shards import Rejection, Sample, ShardReadStats, iter_shard
-from transforms.write import write_rejected, write_segment_data
+from edje_indexer import __version__
+from edje_indexer.schemas import layout
+from edje_indexer.schemas.storage import Location
+from edje_indexer.transforms import decode_torch
+from edje_indexer.transforms.decode import DEFAULT_MAX_PIXELS, DecodeRejected, decode_image
+from edje_indexer.transforms.encode import TokenEncoder
+from edje_indexer.transforms.shards import Rejection, Sample, ShardReadStats, iter_shard
+from edje_indexer.transforms.write import write_rejected, write_segment_data
 
 log = logging.getLogger(__name__)
 
-SOFTWARE_VERSION = "0.1.0"
+SOFTWARE_VERSION = __version__
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Iterator
 import fsspec
 from webdataset.tariterators import base_plus_ext
 
-from schemas.layout import shard_stem
+from edje_indexer.schemas.layout import shard_stem
 
 # The image member of a sample is the first of these extensions it has; any
 # other image members are ignored (counted as ``extra_image_members``).

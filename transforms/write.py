@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from schemas import layout, quantization, tables
-from schemas.storage import Location
+from edje_indexer.schemas import layout, quantization, tables
+from edje_indexer.schemas.storage import Location
 
 
 def token_checksum(values: np.ndarray) -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import collections
 
-from pipeline.maintenance import find_uncommitted, missing_sources
-from schemas import layout
-from schemas.index import load_index, read_commits, retired_paths
-from schemas.storage import Location
-from schemas.store import open_metadata
+from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
+from edje_indexer.schemas import layout
+from edje_indexer.schemas.index import load_index, read_commits, retired_paths
+from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.store import open_metadata
 
 
 def _data_bytes(loc: Location, data_path: str) -> int:

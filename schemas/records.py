@@ -1,0 +1,263 @@
+"""The store's JSON records, as typed values: the one definition of each.
+
+Every record a store holds is one of these frozen dataclasses; writers build
+them and call :meth:`to_json`, readers call :meth:`from_json`, which checks
+the schema version (a record written by a newer version of this project is
+refused with a message saying so, never half-understood). The JSON layout is
+unchanged from schema version 1, so stores written before these classes
+existed read the same.
+
+* :class:`StoreMetadata`: ``zarr.json`` attributes["edje"], written once by the launcher.
+* :class:`ModelIdentity`: its ``model`` part (what built the tokens).
+* :class:`CommitRecord`: ``commits/<segment>.json``, the commit point of one segment version.
+* :class:`FailureRecord`: ``failed/<segment>.json``, a shard that could not be read at all.
+* :class:`IndexPointer`: ``index/CURRENT.json``, the published id index generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from edje_indexer.schemas.layout import SCHEMA_VERSION
+
+
+class SchemaVersionError(ValueError):
+    """A record written by a newer version of this project than the one reading it."""
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_schema_version(d: dict, what: str) -> int:
+    version = int(d.get("schema_version", 1))  # records of the first release may lack it
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{what} has schema version {version}, newer than this edje-indexer understands ({SCHEMA_VERSION}); "
+            f"upgrade edje-indexer to read it")
+    return version
+
+
+def _fields_of(cls, d: dict) -> dict:
+    """The keys of ``d`` that are fields of ``cls`` (unknown keys of newer minor writers are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+class _Record:
+    """to_json/from_json for flat records; subclasses with nested values override them."""
+
+    WHAT: ClassVar[str] = "record"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.WHAT} is not a JSON object: {str(d)[:80]!r}")
+        check_schema_version(d, cls.WHAT)
+        try:
+            return cls(**_fields_of(cls, d))
+        except TypeError as e:  # a required field missing
+            raise ValueError(f"malformed {cls.WHAT}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ModelIdentity(_Record):
+    """What produced a store's tokens; two jobs may write one store only if theirs are equal."""
+
+    WHAT: ClassVar[str] = "model identity"
+
+    backbone: str
+    backbone_kwargs: dict
+    backbone_sha256: str
+    random_weights: bool
+    adapter: dict
+    adapter_sha256: str
+    random_adapter: bool
+    tokens: str  # which backbone outputs are the adapter's input
+    preprocessing: dict
+    tokens_per_image: int
+    token_dim: int
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelIdentity":
+        return cls(**_fields_of(cls, d))  # versioned by the metadata that holds it
+
+
+# Store metadata fields that must match for a job to write into a store.
+IDENTITY_FIELDS = ("schema_version", "model", "quantization", "id_policy")
+
+
+@dataclass(frozen=True)
+class StoreMetadata(_Record):
+    WHAT: ClassVar[str] = "store metadata"
+
+    model: ModelIdentity
+    quantization: str
+    id_policy: str
+    token_encoding: dict  # quantization.ENCODINGS[quantization]: how to decode, for readers that know only Zarr
+    software_version: str
+    created_at: str = field(default_factory=utc_now)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "model": self.model.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StoreMetadata":
+        if not isinstance(d, dict) or "model" not in d:
+            raise ValueError(f"malformed store metadata: {str(d)[:80]!r}")
+        check_schema_version(d, cls.WHAT)
+        return cls(**{**_fields_of(cls, d), "model": ModelIdentity.from_json(d["model"])})
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.model.tokens_per_image)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.model.token_dim)
+
+    def identity(self) -> dict:
+        """The fields that must match for a job to write into this store."""
+        return {k: v for k, v in self.to_json().items() if k in IDENTITY_FIELDS}
+
+    def identity_sha256(self) -> str:
+        """Recorded in every commit: which identity wrote it."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+    def identity_diff(self, other: "StoreMetadata") -> list[str]:
+        """Human-readable differences of identity (nested), ``self`` being the store's."""
+        return _diff(self.identity(), other.identity())
+
+
+def _diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: store has {a!r}, job has {b!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class SourceVersion:
+    """What identifies the version of a shard without reading it (see pipeline/plan.py)."""
+
+    size: int | None
+    version: str | None
+
+    def key(self) -> str:
+        return f"{self.size}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A committed shard's source: the version planned, and what was actually read."""
+
+    size: int | None
+    version: str | None
+    bytes_read: int | None = None
+    sha256: str | None = None
+
+    def same_version(self, other: SourceVersion) -> bool:
+        return (self.size, self.version) == (other.size, other.version)
+
+
+@dataclass(frozen=True)
+class CommitRecord(_Record):
+    """A committed segment version; the segment exists for readers only through it."""
+
+    WHAT: ClassVar[str] = "commit record"
+
+    segment: str
+    data_path: str
+    shard: str
+    source: Source
+    identity_sha256: str
+    quantization: str
+    rows: int
+    samples_read: int
+    indexed: int
+    rejected: int
+    rejected_by_reason: dict
+    complete: bool
+    checksums: dict  # array name -> sha256 (schemas/segment.py says of what)
+    token_bytes: int
+    timings_s: dict
+    software_version: str
+    revision: int = 0
+    extra_image_members: int = 0
+    incomplete_reason: str | None = None
+    committed_at: str = field(default_factory=utc_now)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.samples_read != self.indexed + self.rejected or self.rows != self.indexed:
+            raise ValueError(f"accounting error in the commit of {self.shard}: {self.samples_read} read, "
+                             f"{self.indexed} indexed, {self.rejected} rejected, {self.rows} rows")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CommitRecord":
+        if not isinstance(d, dict) or not isinstance(d.get("source"), dict):
+            raise ValueError(f"malformed commit record: {str(d)[:80]!r}")
+        check_schema_version(d, cls.WHAT)
+        try:
+            return cls(**{**_fields_of(cls, d), "source": Source(**_fields_of(Source, d["source"]))})
+        except TypeError as e:
+            raise ValueError(f"malformed commit record: {e}") from None
+
+
+@dataclass(frozen=True)
+class FailureRecord(_Record):
+    """A shard that could not be read at all; the next run retries it."""
+
+    WHAT: ClassVar[str] = "failure record"
+
+    segment: str
+    shard: str
+    error_type: str
+    message: str
+    failed: bool = True
+    failed_at: str = field(default_factory=utc_now)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def error(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+@dataclass(frozen=True)
+class IndexPointer(_Record):
+    """Which id index generation is current, and which commits it reflects."""
+
+    WHAT: ClassVar[str] = "index pointer"
+
+    generation: int
+    ids: str  # file name in index/
+    duplicates: str  # file name in index/
+    segments: dict  # segment -> data_path the generation covers
+    retired: list = field(default_factory=list)  # superseded data kept one job longer for open readers
+    images: int = 0
+    duplicates_count: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+
+def as_json_bytes(record: _Record) -> bytes:
+    return json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
+
+
+__all__ = ["CommitRecord", "FailureRecord", "IDENTITY_FIELDS", "IndexPointer", "ModelIdentity", "SchemaVersionError",
+           "Source", "SourceVersion", "StoreMetadata", "as_json_bytes", "check_schema_version", "utc_now"]
