@@ -29,7 +29,8 @@ from PIL import Image
 from edje_indexer.pipeline.demo import packaged_photos
 from edje_indexer.pipeline.job import JobConfig, run_job
 from edje_indexer.pipeline.presets import resolve_spec
-from edje_indexer.transforms.encode import load_model_cached
+from edje_indexer.transforms.indexer import IndexSettings
+from edje_indexer.transforms.model import shared_model
 from webdataset import TarWriter
 
 
@@ -88,9 +89,9 @@ def main(argv=None):
     for s in range(args.shards):
         write_shard(corpus, s, photos, args.images_per_shard)
     spec = resolve_spec("tiny")
-    load_model_cached(spec)  # both timings start with the model in memory
+    model = shared_model(spec)  # noqa: F841 -- both timings start with the model in memory (held here for the whole run)
     store = os.path.join(work, "store")
-    base = dict(spec=spec, batch_size=32, progress_every_s=3600)
+    base = dict(spec=spec, settings=IndexSettings(batch_size=32), progress_every_s=3600)
     t_full = timed(JobConfig(input=os.path.join(corpus, "*.tar"), store=store, **base))
 
     segments_before = tree_digest(os.path.join(store, "segments"))

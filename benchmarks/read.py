@@ -14,7 +14,7 @@ of k = 10, 100 and 1000 distinct ids:
 * ``numpy_limit``  ``tokens_npy[rows]`` (and ``scales_npy[rows]``) on the
   memory-mapped ``.npy``, with the rows already known: the cost of the bytes
   alone, no id lookup, no segments, no decode (the limit on this machine)
-* ``numpy_decode``  ``quantization.decode(numpy_limit)``: what a plain-numpy
+* ``numpy_decode``  ``quantization.dequantize(numpy_limit)``: what a plain-numpy
   consumer pays for float32 (context for ``get``)
 
 The methods take turns on every batch, so a noisy neighbour slows them alike.
@@ -42,7 +42,7 @@ import numpy as np
 from edje_indexer.benchmarks.synthetic_store import build_synthetic_store
 from edje_indexer.schemas import quantization
 from edje_indexer.schemas.storage import Location
-from edje_indexer.schemas.store import TokenStore
+from edje_indexer.schemas.reader import TokenStore
 
 KS = (10, 100, 1000)
 BATCHES = {10: 2000, 100: 1000, 1000: 150}
@@ -177,7 +177,7 @@ def run(args) -> dict:
                 return out
 
             def numpy_decode(b):
-                return quantization.decode(tok[b[1]], None if sc is None else sc[b[1]], args.quantization)
+                return quantization.dequantize(tok[b[1]], None if sc is None else sc[b[1]], args.quantization)
 
             methods = {
                 "get": lambda b: store.get(b[0]),

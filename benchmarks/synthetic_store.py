@@ -1,13 +1,11 @@
 """Synthetic token stores written with the real writer (no model, no images).
 
-A store built here is byte-for-byte what ``edje-index index`` would produce for
-the same tokens: root metadata from :func:`pipeline.job.store_metadata` /
-:func:`pipeline.job.prepare_store`, per segment
-:func:`transforms.write.write_segment_data` + :func:`transforms.write.write_rejected`
-+ a commit record with the fields :func:`transforms.indexer.index_shard`
-writes, and finally an index generation from :func:`schemas.index.write_index`.
-Only the tokens are fake: seeded random floats, encoded with
-:func:`schemas.quantization.encode` so int8 stores are realistic too.
+A store built here is what ``edje-index index`` writes for the same tokens, by
+construction: the root through :func:`schemas.store.create_or_check`, each
+segment through :class:`schemas.segment.SegmentWriter` (data, dead letters,
+commit record), and an index generation from :func:`schemas.index.write_index`.
+Only the tokens are fake: seeded random floats, quantized with
+:func:`schemas.quantization.quantize` so int8 stores are realistic too.
 
 Used by the read benchmark (``python -m edje_indexer.benchmarks.read``) and the reader tests.
 """
@@ -22,34 +20,26 @@ import numpy as np
 
 from edje_indexer.schemas import layout, quantization
 from edje_indexer.schemas.index import load_index, read_commits, write_index
+from edje_indexer.schemas.records import CommitRecord, ModelIdentity, ShardTask, SourceVersion, StoreMetadata
+from edje_indexer.schemas.segment import SegmentData, SegmentWriter
 from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.store import create_or_check, new_metadata
 
 SYNTHETIC_SHARD = "synthetic://shards/shard-{seed}-{index:06d}.tar"
 
 
-def fake_model_identity(m: int = 64, d: int = 384) -> dict:
-    """A model identity with every key the store records (see transforms/encode.py and pipeline/inspect.py)."""
-    return {
-        "backbone": "synthetic",
-        "backbone_kwargs": {},
-        "backbone_sha256": "0" * 64,
-        "random_weights": True,
-        "adapter": {"num_queries": m, "out_dim": d, "synthetic": True},
-        "adapter_sha256": "0" * 64,
-        "random_adapter": True,
-        "tokens": "synthetic: seeded standard-normal floats, no model",
-        "preprocessing": {"synthetic": True},
-        "tokens_per_image": m,
-        "token_dim": d,
-    }
+def fake_model_identity(m: int = 64, d: int = 384) -> ModelIdentity:
+    """A model identity saying plainly that no model made these tokens."""
+    return ModelIdentity(
+        backbone="synthetic", backbone_kwargs={}, backbone_sha256="0" * 64, random_weights=True,
+        adapter={"num_queries": m, "out_dim": d, "synthetic": True}, adapter_sha256="0" * 64, random_adapter=True,
+        tokens="synthetic: seeded standard-normal floats, no model", preprocessing={"synthetic": True},
+        tokens_per_image=m, token_dim=d)
 
 
-def create_store(url: str, quant: str = "fp16", m: int = 64, d: int = 384, id_policy: str = "key") -> dict:
+def create_store(url: str, quant: str = "fp16", m: int = 64, d: int = 384, id_policy: str = "key") -> StoreMetadata:
     """Create (or check) the store root exactly like the launcher does; return its metadata."""
-    from edje_indexer.pipeline.job import prepare_store, store_metadata
-
-    quantization.check_quantization(quant)
-    return prepare_store(Location(url), store_metadata(fake_model_identity(m, d), quant, id_policy))
+    return create_or_check(Location(url), new_metadata(fake_model_identity(m, d), quant, id_policy))
 
 
 def random_tokens(gen, n: int, m: int, d: int) -> np.ndarray:
@@ -66,56 +56,31 @@ def encode_tokens(tokens: np.ndarray, quant: str) -> tuple[np.ndarray, np.ndarra
     """float tokens -> stored (values, scales) through the project's one encoder."""
     import torch
 
-    values, scales = quantization.encode(torch.from_numpy(np.ascontiguousarray(tokens)), quant)
+    values, scales = quantization.quantize(torch.from_numpy(np.ascontiguousarray(tokens)), quant)
     return values.numpy(), None if scales is None else scales.numpy()
 
 
-def write_segment(loc: Location, metadata: dict, shard_url: str, ids: list[str], values: np.ndarray,
-                  scales: np.ndarray | None, commit: bool = True, fingerprint: dict | None = None) -> dict:
-    """Write one segment like transforms.indexer does: data, dead letters, then (optionally) the commit.
+def write_segment(loc: Location, metadata: StoreMetadata, shard_url: str, ids: list[str], values: np.ndarray,
+                  scales: np.ndarray | None, commit: bool = True, fingerprint: SourceVersion | None = None
+                  ) -> CommitRecord | None:
+    """Write one segment with the job's writer: data, dead letters, then (optionally) the commit.
 
-    ``values``/``scales`` are already encoded (:func:`encode_tokens`). With
-    ``commit=False`` the data is written but no commit record: readers must
-    not see it. Returns the commit record (written or not).
+    ``values``/``scales`` are already quantized (:func:`encode_tokens`). With
+    ``commit=False`` only the data is written (what a crash before the commit
+    leaves): readers must not see it, and None is returned.
     """
-    from edje_indexer.transforms.indexer import SOFTWARE_VERSION, _now
-    from edje_indexer.transforms.write import write_rejected, write_segment_data
-
-    quant = metadata["quantization"]
-    segment = layout.segment_name(shard_url)
-    fingerprint = fingerprint or {"size": int(values.nbytes), "version": hashlib.sha256(shard_url.encode()).hexdigest()}
-    data_path = layout.segment_data_path(segment, fingerprint)
-    checksums = write_segment_data(loc, data_path, list(ids), values, scales, quant)
-    write_rejected(loc, data_path, [])
-    record = {
-        "schema_version": layout.SCHEMA_VERSION,
-        "software_version": SOFTWARE_VERSION,
-        "segment": segment,
-        "data_path": data_path,
-        "shard": shard_url,
-        "source": {**fingerprint, "bytes_read": int(fingerprint["size"]),
-                   "sha256": hashlib.sha256(f"{shard_url}:{fingerprint}".encode()).hexdigest()},
-        "identity_sha256": layout.identity_hash(metadata),
-        "quantization": quant,
-        "rows": len(ids),
-        "samples_read": len(ids),
-        "indexed": len(ids),
-        "rejected": 0,
-        "rejected_by_reason": {},
-        "extra_image_members": 0,
-        "complete": True,
-        "incomplete_reason": None,
-        "checksums": checksums,
-        "token_bytes": int(values.nbytes + (0 if scales is None else scales.nbytes)),
-        "timings_s": {"read_decode_encode": 0.0, "encode": 0.0, "write": 0.0, "total": 0.0},
-        "committed_at": _now(),
-    }
-    if commit:
-        old = loc.read_json(*layout.commit_path(segment)) if loc.exists(*layout.commit_path(segment)) else None
-        loc.write_json_atomic(record, *layout.commit_path(segment))  # the commit point
-        loc.remove(*layout.failed_path(segment))
-        if old and old.get("data_path") != data_path:
-            loc.remove(old["data_path"])
+    source = fingerprint or SourceVersion(int(values.nbytes), hashlib.sha256(shard_url.encode()).hexdigest())
+    task = ShardTask(shard_url, layout.segment_name(shard_url), source)
+    writer = SegmentWriter(loc, metadata)
+    data = SegmentData(list(ids), values, scales)
+    if not commit:
+        writer.write_uncommitted(task, data)
+        return None
+    old = loc.read_json(*layout.commit_path(task.segment)) if loc.exists(*layout.commit_path(task.segment)) else None
+    record = writer.write(task, data, samples_read=len(ids), bytes_read=source.size,
+                          sha256=hashlib.sha256(f"{shard_url}:{source}".encode()).hexdigest())
+    if old and old.get("data_path") != task.data_path:
+        loc.remove(old["data_path"])
     return record
 
 
@@ -171,7 +136,7 @@ def build_synthetic_store(url: str, n_images: int, images_per_segment: int, quan
         rec = write_segment(loc, metadata, SYNTHETIC_SHARD.format(seed=seed, index=s), ids, values, scales)
         if on_segment is not None:
             on_segment(start, ids, values, scales)
-        segments.append(rec["segment"])
+        segments.append(rec.segment)
         segment_of += [s] * len(ids)
     if index:
         finalize_index(url)

@@ -17,13 +17,13 @@ One command:
 2. **limit** -- the model alone: ``TokenEncoder.__call__`` (backbone + adapter
    + quantization, results copied back to the host) on uint8 batches that are
    already decoded and resized in memory (every image decoded once with
-   ``transforms.decode.decode_image`` before timing), batched exactly as the
+   ``transforms.decoders.decode_image`` before timing), batched exactly as the
    job batches them (per shard, ``--batch-size``), same device and precision.
    Warmed up first on every batch shape the job will see, then timed over all
    ``N`` images.
 3. **job** -- the real ``edje-index index`` job, end to end: ``run_job`` with a
    ``JobConfig`` (Beam, FnApiRunner) into a fresh store, in-process, so the
-   encoder the job uses is the one ``pipeline.job.encoder_cached`` builds,
+   encoder the job uses is the one ``transforms.index_shards.shared_encoder`` builds,
    warmed up the same way before the clock starts (compilation and oneDNN
    setup are one-time costs, not throughput). Reported: the wall time of the
    ``run_job`` call (planning, lock, Beam, finalize: the primary number) and
@@ -408,14 +408,18 @@ def _spec(p: dict):
     return resolve_spec(p["preset"], p["backbone"], **kw)
 
 
-def _encoder(p: dict, spec):
-    """The encoder the job's DoFn will use (pipeline.job's per-process cache), whatever its signature."""
-    from edje_indexer.pipeline.job import encoder_cached
+def _settings(p: dict):
+    from edje_indexer.transforms.indexer import IndexSettings
 
-    args = [spec, p["quantize"], p["device"], p["precision"], p["compile"]]
-    if "batch_size" in inspect.signature(encoder_cached).parameters:
-        args.append(p["batch_size"])
-    return encoder_cached(*args)
+    return IndexSettings(batch_size=p["batch_size"], decode_threads=p["decode_threads"], device=p["device"],
+                         precision=p["precision"], compile=p["compile"])
+
+
+def _encoder(p: dict, spec):
+    """The encoder the job's DoFn will use: the process's shared one for these settings."""
+    from edje_indexer.transforms.index_shards import shared_encoder
+
+    return shared_encoder(spec, _settings(p), p["quantize"])
 
 
 def _setup_process(p: dict, torch_threads: int = 0):
@@ -464,7 +468,7 @@ def phase_limit(p: dict) -> dict:
     import numpy as np
 
     from edje_indexer.pipeline.plan import expand_pattern
-    from edje_indexer.transforms.decode import decode_image
+    from edje_indexer.transforms.decoders import decode_image
     from edje_indexer.transforms.shards import Sample, ShardReadStats, iter_shard
 
     spec = _spec(p)
@@ -478,7 +482,7 @@ def phase_limit(p: dict) -> dict:
         for item in iter_shard(url, "key", ShardReadStats()):
             if isinstance(item, Sample):
                 t = time.perf_counter()
-                images.append(decode_image(item.data, pp))
+                images.append(decode_image(item.data, pp, jpeg_draft=spec.jpeg_draft))
                 decode_s += time.perf_counter() - t
         shards.append(images)
     n = sum(len(s) for s in shards)
@@ -503,7 +507,7 @@ def phase_limit(p: dict) -> dict:
         "ru_maxrss_mb": _ru_maxrss_mb(),
         "decoded_bytes_mb": round(sum(b.nbytes for b in batches) / 2**20, 1),
         "decode": {"images_per_s_per_thread": round(n / decode_s, 2), "ms_per_image": round(1000 * decode_s / n, 3),
-                   "input_size": list(pp.size), "resize": pp.resize, "jpeg_draft": pp.jpeg_draft},
+                   "input_size": list(pp.size), "resize": pp.resize, "jpeg_draft": spec.jpeg_draft},
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -511,9 +515,7 @@ def phase_limit(p: dict) -> dict:
 def _one_job(p: dict, spec, store: str) -> dict:
     from edje_indexer.pipeline.job import JobConfig, run_job
 
-    cfg = JobConfig(input=p["pattern"], store=store, spec=spec, quantization=p["quantize"],
-                    batch_size=p["batch_size"], decode_threads=p["decode_threads"], device=p["device"],
-                    precision=p["precision"], compile=p["compile"])
+    cfg = JobConfig(input=p["pattern"], store=store, spec=spec, quantization=p["quantize"], settings=_settings(p))
     sampler = ThreadCpuSampler().start() if os.path.isdir("/proc/self/task") else None
     stacks = StackSampler().start() if p.get("sample_stacks") else None
     with Meter() as m:
@@ -525,7 +527,7 @@ def _one_job(p: dict, spec, store: str) -> dict:
     sums = {k: 0.0 for k in ("read_decode_encode", "encode", "write", "total")}
     for rec in result.committed:
         for k in sums:
-            sums[k] += rec["timings_s"][k]
+            sums[k] += rec.timings_s[k]
     n = result.indexed
     out = m.result(n)
     wall = out.pop("seconds")
@@ -553,12 +555,9 @@ def _one_job(p: dict, spec, store: str) -> dict:
 def phase_job(p: dict) -> dict:
     """``run_job`` on the corpus into a fresh store, the encoder loaded and warmed up first."""
     torch = _setup_process(p, p["torch_threads"])
-    from edje_indexer.pipeline import job as job_mod
-
     spec = _spec(p)
     encoder = _encoder(p, spec)
     warm_s = _warm_up(encoder, _batch_shapes(p["counts"], p["batch_size"]), encoder.model.preprocess.size, p["warmup"])
-    encoders_before = len(job_mod._ENCODERS)
     load_peak = _status_mb("VmHWM")
     reset = _reset_peak_rss()
     rss_before = _status_mb("VmRSS")
@@ -577,7 +576,7 @@ def phase_job(p: dict) -> dict:
         **best,
         "images_per_s_runs": [j["images_per_s"] for j in runs],
         "warmup_s": round(warm_s, 2),
-        "encoder_reused": len(job_mod._ENCODERS) == encoders_before,
+        "encoder_reused": _encoder(p, spec) is encoder,  # the job's workers got this process's shared encoder
         "rss_before_job_mb": rss_before,
         "job_only_peak_rss_mb": job_peak if reset else None,
         "peak_rss_mb": max(x for x in (load_peak, job_peak) if x is not None) if load_peak else None,

@@ -9,44 +9,15 @@ import sys
 
 import numpy as np
 
-EPILOG_INDEX = """Any other --flags are Beam pipeline options and pass through, e.g.
-  --runner DataflowRunner --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
-  --direct_num_workers 2 --direct_running_mode multi_processing   (local, several processes)
-The local default runner is FnApiRunner (no Prism download)."""
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edje-index", description="Index WebDataset image shards into EDJE token stores.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    ix = sub.add_parser("index", help="index a corpus into a store (incremental)", epilog=EPILOG_INDEX,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ix.add_argument("--input", required=True, help="shards: brace pattern, glob, comma list, paths or fsspec URLs")
-    ix.add_argument("--store", required=True, help="store folder or fsspec URL")
-    ix.add_argument("--preset", help="named model configuration (tiny, edje-siglip2-l16-384)")
-    ix.add_argument("--backbone", help="any timm ViT name (without --preset: its own timm preprocessing)")
-    ix.add_argument("--weights", help="backbone weights file (safetensors/.pth); default: local HF cache")
-    ix.add_argument("--adapter", help="adapter weights (authors' checkpoint or project safetensors)")
-    ix.add_argument("--random-weights", action="store_true", help="seeded random backbone (recorded in the store)")
-    ix.add_argument("--random-adapter", action="store_true", help="seeded random adapter (recorded in the store)")
-    ix.add_argument("--quantize", default="fp16", choices=["fp16", "int8"])
-    ix.add_argument("--id-policy", default="key", help="key (default: WebDataset __key__), shard-key, json:FIELD")
-    ix.add_argument("--batch-size", type=int, default=32)
-    ix.add_argument("--decode-threads", type=int, default=0, help="image decoding threads per worker "
-                    "(default 0: one per core, at most 16)")
-    ix.add_argument("--decode-timeout", type=float, default=60.0,
-                    help="seconds one image may take to decode before it is rejected (reason 'timeout')")
-    ix.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; cuda fails if no GPU is used")
-    ix.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
-    ix.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
-    ix.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
-                    help="decode JPEGs at full size (changes the model identity)")
-    ix.add_argument("--decoder", choices=["pillow", "torchvision"], default="pillow",
-                    help="torchvision: JPEGs decoded on the model's device (nvJPEG on GPUs); changes the model identity")
-    ix.add_argument("--force", action="store_true", help="re-index shards even if committed")
-    ix.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another job's store lock")
-    ix.add_argument("--json", action="store_true", help="print the summary as JSON")
+    from edje_indexer.pipeline.options import EPILOG, add_index_arguments  # light: Beam's options module only
+
+    add_index_arguments(sub.add_parser("index", help="index a corpus into a store (incremental)", epilog=EPILOG,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
 
     ins = sub.add_parser("inspect", help="summarize a store")
     ins.add_argument("store")
@@ -79,18 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_index(args, beam_args) -> int:
-    from edje_indexer.pipeline.job import JobConfig, run_job
-    from edje_indexer.pipeline.presets import resolve_spec
-    from edje_indexer.schemas.storage import Location
+def _cmd_index(index_argv: list[str]) -> int:
+    from edje_indexer.pipeline.job import run_job
+    from edje_indexer.pipeline.options import IndexOptions, job_config, pipeline_options
     from edje_indexer.pipeline.summary import summarize
 
-    spec = resolve_spec(args.preset, args.backbone, args.weights, args.adapter, args.random_weights,
-                        args.random_adapter, args.jpeg_draft, args.decoder)
-    cfg = JobConfig(input=args.input, store=args.store, spec=spec, quantization=args.quantize,
-                    id_policy=args.id_policy, batch_size=args.batch_size, decode_threads=args.decode_threads,
-                    device=args.device, precision=args.precision, compile=args.compile, force=args.force,
-                    lock_wait_s=args.lock_wait, decode_timeout_s=args.decode_timeout, beam_args=beam_args)
+    opts = pipeline_options(index_argv)  # every flag, ours and Beam's: unknown ones are an error here
+    args = opts.view_as(IndexOptions)
+    cfg = job_config(opts)
     result = run_job(cfg)
     out = result.to_dict()
     out["bytes_per_image"] = summarize(args.store, check_sources=False)["bytes_per_image"]
@@ -156,7 +123,7 @@ def _cmd_remove(args) -> int:
     loc = Location(args.store)
     with StoreLock(loc).acquire():
         commits = read_commits(loc)
-        by_shard = {c["shard"]: s for s, c in commits.items()}
+        by_shard = {c.shard: s for s, c in commits.items()}
         shards = list(args.shard) + (missing_sources(commits) if args.missing else [])
         unknown = [s for s in shards if s not in by_shard]
         if unknown:
@@ -173,16 +140,16 @@ def _cmd_remove(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = _parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for ours in ("pipeline", "transforms", "schemas"):  # progress lines; Beam's own chatter stays at WARNING
-        logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("edje_indexer").setLevel(logging.INFO)  # progress lines; Beam's own chatter stays at WARNING
     if args.command != "index" and rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "index":
-            return _cmd_index(args, rest)
+            return _cmd_index(argv[argv.index("index") + 1:])
         if args.command == "inspect":
             from edje_indexer.pipeline.summary import format_summary, summarize
 
@@ -190,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(s, indent=1) if args.json else format_summary(s))
             return 0
         if args.command == "get":
-            from edje_indexer.schemas.store import TokenStore
+            from edje_indexer.schemas.reader import TokenStore
 
             tokens = TokenStore.open(args.store).get([args.id])[0]
             if args.out:

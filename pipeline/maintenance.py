@@ -6,6 +6,7 @@ import fsspec
 
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.index import load_index, read_commits, retired_paths, write_index
+from edje_indexer.schemas.records import CommitRecord
 from edje_indexer.schemas.storage import Location
 
 _SIDE_FOLDERS = (layout.COMMITS, layout.REJECTED, layout.FAILED, layout.INDEX)
@@ -16,37 +17,37 @@ def retire(data_paths: list[str]) -> list[str]:
     return sorted(data_paths) + sorted("/".join(layout.rejected_path(p)) for p in data_paths)
 
 
-def find_uncommitted(loc: Location, commits: dict[str, dict], keep=()) -> list[str]:
+def find_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=()) -> list[str]:
     """Relative paths no commit record refers to (crash leftovers, superseded versions
     past their grace period) and interrupted temp files; ``keep`` is spared."""
-    referenced = {c["data_path"] for c in commits.values()} | set(keep)
+    referenced = {c.data_path for c in commits.values()} | set(keep)
     out = [f"{layout.SEGMENTS}/{n}" for n in loc.list(layout.SEGMENTS)
            if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in referenced]
     for folder in _SIDE_FOLDERS:
         out += [f"{folder}/{n}" for n in loc.list(folder) if n.startswith(".tmp-")]
-    tables = {"/".join(layout.rejected_path(c["data_path"])) for c in commits.values()} | set(keep)
+    tables = {"/".join(layout.rejected_path(c.data_path)) for c in commits.values()} | set(keep)
     out += [f"{layout.REJECTED}/{n}" for n in loc.list(layout.REJECTED)
             if n.endswith(".parquet") and f"{layout.REJECTED}/{n}" not in tables]
     return sorted(out)
 
 
-def remove_uncommitted(loc: Location, commits: dict[str, dict], keep=()) -> list[str]:
+def remove_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=()) -> list[str]:
     leftovers = find_uncommitted(loc, commits, keep)
     for rel in leftovers:
         loc.remove(*rel.split("/"))
     return leftovers
 
 
-def missing_sources(commits: dict[str, dict]) -> list[str]:
+def missing_sources(commits: dict[str, CommitRecord]) -> list[str]:
     """Committed shards whose source file no longer exists."""
     out = []
     for c in commits.values():
         try:
-            fs, path = fsspec.core.url_to_fs(c["shard"])
+            fs, path = fsspec.core.url_to_fs(c.shard)
         except (ValueError, ImportError):
             continue  # a protocol this machine cannot reach: unknown, not missing
         if not fs.exists(path):
-            out.append(c["shard"])
+            out.append(c.shard)
     return sorted(out)
 
 
@@ -56,6 +57,6 @@ def remove_segments(loc: Location, segments: list[str]) -> None:
     for seg in segments:
         rec = commits.pop(seg)
         loc.remove(*layout.commit_path(seg))
-        loc.remove(*rec["data_path"].split("/"))
-        loc.remove(*layout.rejected_path(rec["data_path"]))
+        loc.remove(*rec.data_path.split("/"))
+        loc.remove(*layout.rejected_path(rec.data_path))
     write_index(loc, load_index(loc, commits))

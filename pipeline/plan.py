@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob as _glob
 from dataclasses import dataclass, field
 
 import fsspec
 from braceexpand import braceexpand
 
 from edje_indexer.schemas import layout
-from edje_indexer.transforms.indexer import ShardTask
+from edje_indexer.schemas.records import CommitRecord, ShardTask, SourceVersion
 
 _GLOB_CHARS = set("*?[")
 
@@ -50,7 +49,7 @@ def expand_pattern(pattern: str) -> list[str]:
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "last_modified", "updated", "mtime")
 
 
-def fingerprint(url: str) -> dict:
+def fingerprint(url: str) -> SourceVersion:
     """What identifies the current version of a shard, without reading it.
 
     Size plus, on local disk, the modification time (not fsspec's ``ukey``,
@@ -62,10 +61,10 @@ def fingerprint(url: str) -> dict:
     try:
         info = fs.info(path)
     except (FileNotFoundError, PermissionError, OSError):
-        return {"size": None, "version": None}
+        return SourceVersion(None, None)
     key = next((k for k in _VERSION_KEYS if info.get(k) is not None), None)
     version = f"{key}:{info[key]}" if key else f"ukey:{fs.ukey(path)}"
-    return {"size": info.get("size"), "version": version}
+    return SourceVersion(info.get("size"), version)
 
 
 @dataclass
@@ -76,7 +75,7 @@ class Plan:
     missing_from_corpus: list[str] = field(default_factory=list)  # committed shards the pattern no longer names
 
 
-def plan(urls: list[str], commits: dict[str, dict], force: bool = False) -> Plan:
+def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False) -> Plan:
     out = Plan()
     segments = set()
     for url in urls:
@@ -86,16 +85,16 @@ def plan(urls: list[str], commits: dict[str, dict], force: bool = False) -> Plan
         task = ShardTask(url, seg, fp)
         old = commits.get(seg)
         if old is not None:
-            same = (old["source"].get("size"), old["source"].get("version")) == (fp["size"], fp["version"])
+            same = old.source.same_version(fp)
             if same and not force:
                 out.skipped.append(url)
                 continue
             if not same:
                 out.changed.append(url)
             revision = 0
-            if old["data_path"].startswith(task.data_path):  # same source: a new folder, never the committed one
-                revision = int(old.get("revision", 0)) + 1
-            task = ShardTask(url, seg, fp, revision, replaces=old["data_path"])
+            if old.data_path.startswith(task.data_path):  # same source: a new folder, never the committed one
+                revision = old.revision + 1
+            task = ShardTask(url, seg, fp, revision, replaces=old.data_path)
         out.todo.append(task)
-    out.missing_from_corpus = sorted(c["shard"] for s, c in commits.items() if s not in segments)
+    out.missing_from_corpus = sorted(c.shard for s, c in commits.items() if s not in segments)
     return out

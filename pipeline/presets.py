@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from edje_indexer.transforms.decode import Preprocess
-from edje_indexer.transforms.encode import ModelSpec
+from edje_indexer.transforms.model import ModelSpec
+from edje_indexer.transforms.preprocess import Preprocess
 
 PRESETS: dict[str, ModelSpec] = {
     # The paper's model: SigLIP2 ViT-L/16 at 384 px, 64 x 384 tokens. The

@@ -8,6 +8,7 @@ from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.index import load_index, read_commits, retired_paths
 from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.records import FailureRecord
 from edje_indexer.schemas.store import open_metadata
 
 
@@ -22,41 +23,42 @@ def summarize(url: str, check_sources: bool = True) -> dict:
     meta = open_metadata(loc)
     commits = read_commits(loc)
     index = load_index(loc, commits)
-    model = meta["model"]
+    model = meta.model
     rejected = collections.Counter()
     for c in commits.values():
-        rejected.update(c["rejected_by_reason"])
+        rejected.update(c.rejected_by_reason)
     images = index.table.num_rows
-    token_bytes = sum(_data_bytes(loc, c["data_path"]) for c in commits.values())
+    token_bytes = sum(_data_bytes(loc, c.data_path) for c in commits.values())
     index_bytes = loc.du(layout.INDEX)
     uncommitted = find_uncommitted(loc, commits, keep=retired_paths(loc))
-    failed = [loc.read_json(layout.FAILED, n) for n in loc.list(layout.FAILED) if n.endswith(".json")]
+    failed = [FailureRecord.from_json(loc.read_json(layout.FAILED, n)) for n in loc.list(layout.FAILED)
+              if n.endswith(".json") and not n.startswith(".")]
     return {
         "store": url,
         "images": images,
-        "rows": sum(c["rows"] for c in commits.values()),
+        "rows": sum(c.rows for c in commits.values()),
         "segments": len(commits),
-        "tokens_per_image": int(model["tokens_per_image"]),
-        "token_dim": int(model["token_dim"]),
-        "quantization": meta["quantization"],
-        "stored_dtype": meta["token_encoding"]["tokens_dtype"],
-        "token_encoding": meta["token_encoding"],
+        "tokens_per_image": meta.tokens_per_image,
+        "token_dim": meta.token_dim,
+        "quantization": meta.quantization,
+        "stored_dtype": meta.token_encoding["tokens_dtype"],
+        "token_encoding": meta.token_encoding,
         "bytes_per_image": round((token_bytes + index_bytes) / images, 1) if images else None,
         "bytes": {"token_data": token_bytes, "index": index_bytes, "store_total": loc.du()},
-        "model": {k: model[k] for k in ("backbone", "backbone_kwargs", "backbone_sha256", "random_weights",
-                                        "adapter", "adapter_sha256", "random_adapter", "tokens")},
-        "preprocessing": model["preprocessing"],
-        "id_policy": meta["id_policy"],
-        "samples_read": sum(c["samples_read"] for c in commits.values()),
+        "model": {k: getattr(model, k) for k in ("backbone", "backbone_kwargs", "backbone_sha256", "random_weights",
+                                                 "adapter", "adapter_sha256", "random_adapter", "tokens")},
+        "preprocessing": model.preprocessing,
+        "id_policy": meta.id_policy,
+        "samples_read": sum(c.samples_read for c in commits.values()),
         "rejected": dict(sorted(rejected.items())),
         "rejected_total": sum(rejected.values()),
         "duplicate_ids": index.duplicates.num_rows,
-        "incomplete_shards": sorted(c["shard"] for c in commits.values() if not c["complete"]),
-        "failed_shards": sorted(f["shard"] for f in failed),
+        "incomplete_shards": sorted(c.shard for c in commits.values() if not c.complete),
+        "failed_shards": sorted(f.shard for f in failed),
         "missing_shards": missing_sources(commits) if check_sources else None,
         "uncommitted_data": uncommitted,
-        "schema_version": meta["schema_version"],
-        "software_version": meta["software_version"],
+        "schema_version": meta.schema_version,
+        "software_version": meta.software_version,
     }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,8 +12,9 @@ from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.index import load_index, read_commits, retired_paths
 from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.index import read_pointer
+from edje_indexer.schemas.segment import ids_checksum, token_checksum
 from edje_indexer.schemas.store import open_metadata
-from edje_indexer.transforms.write import ids_checksum, token_checksum
 
 
 def verify(url: str, deep: bool = False) -> dict:
@@ -23,20 +23,19 @@ def verify(url: str, deep: bool = False) -> dict:
     problems: list[str] = []
     warnings: list[str] = []
     meta = open_metadata(loc)
-    m, d = int(meta["model"]["tokens_per_image"]), int(meta["model"]["token_dim"])
-    quant = meta["quantization"]
-    tok_dtype = np.dtype(meta["token_encoding"]["tokens_dtype"])
+    m, d = meta.tokens_per_image, meta.token_dim
+    quant = meta.quantization
+    tok_dtype = np.dtype(meta.token_encoding["tokens_dtype"])
     commits = read_commits(loc)
     for seg, c in sorted(commits.items()):
-        where = f"segment {seg} ({c['shard']})"
-        if c.get("identity_sha256") != layout.identity_hash(meta):
+        where = f"segment {seg} ({c.shard})"
+        if c.identity_sha256 != meta.identity_sha256():
             problems.append(f"{where}: written by another model or settings than the store's")
-        n = c["rows"]
-        if c["samples_read"] != c["indexed"] + c["rejected"] or c["indexed"] != n:
-            problems.append(f"{where}: counts do not add up (read {c['samples_read']}, indexed {c['indexed']}, "
-                            f"rejected {c['rejected']}, rows {n})")
+        n = c.rows
+        if c.accounting_error():
+            problems.append(f"{where}: {c.accounting_error()}")
         try:
-            group = zarr.open_group(loc.url_of(c["data_path"]), mode="r")
+            group = zarr.open_group(loc.url_of(c.data_path), mode="r")
             arrays = {layout.TOKENS: ((n, m, d), tok_dtype), layout.IDS: ((n,), None)}
             if quant == "int8":
                 arrays[layout.SCALES] = ((n, m), np.dtype("float16"))
@@ -48,19 +47,19 @@ def verify(url: str, deep: bool = False) -> dict:
                 for name in arrays:
                     data = group[name][...]
                     got = ids_checksum(data.tolist()) if name == layout.IDS else token_checksum(data)
-                    if got != c["checksums"].get(name):
+                    if got != c.checksums.get(name):
                         problems.append(f"{where}: {name} data does not match the checksum recorded at commit")
         except (KeyError, FileNotFoundError, ValueError, OSError) as e:
             problems.append(f"{where}: data unreadable: {type(e).__name__}: {e}")
-        if c["rejected"]:
-            if not loc.exists(*layout.rejected_path(c["data_path"])):
-                problems.append(f"{where}: dead-letter table missing ({c['rejected']} rejected samples)")
+        if c.rejected:
+            if not loc.exists(*layout.rejected_path(c.data_path)):
+                problems.append(f"{where}: dead-letter table missing ({c.rejected} rejected samples)")
             else:
-                rows = pq.read_metadata(io.BytesIO(loc.read_bytes(*layout.rejected_path(c["data_path"])))).num_rows
-                if rows != c["rejected"]:
-                    problems.append(f"{where}: dead-letter table has {rows} rows, the commit says {c['rejected']}")
-        if not c["complete"]:
-            warnings.append(f"{where}: shard was incomplete when read ({c['incomplete_reason']})")
+                rows = pq.read_metadata(io.BytesIO(loc.read_bytes(*layout.rejected_path(c.data_path)))).num_rows
+                if rows != c.rejected:
+                    problems.append(f"{where}: dead-letter table has {rows} rows, the commit says {c.rejected}")
+        if not c.complete:
+            warnings.append(f"{where}: shard was incomplete when read ({c.incomplete_reason})")
 
     if not loc.exists(layout.INDEX, layout.INDEX_POINTER):
         problems.append("no id index (index/CURRENT.json): run the same index command again to finalize")
@@ -69,8 +68,9 @@ def verify(url: str, deep: bool = False) -> dict:
         if not index.published:
             problems.append("the id index does not cover every committed segment: run the index command again")
         total = index.table.num_rows + index.duplicates.num_rows
-        if total != sum(c["rows"] for c in commits.values()):
-            problems.append(f"the id index holds {total} rows, the segments {sum(c['rows'] for c in commits.values())}")
+        stored_rows = sum(c.rows for c in commits.values())
+        if total != stored_rows:
+            problems.append(f"the id index holds {total} rows, the segments {stored_rows}")
         elif deep:
             segs = index.table["segment"].to_numpy(zero_copy_only=False)
             rows_all, ids_all = index.table["row"].to_numpy(), index.table["id"].to_numpy(zero_copy_only=False)
@@ -78,13 +78,13 @@ def verify(url: str, deep: bool = False) -> dict:
             bounds = np.flatnonzero(np.r_[True, segs[order][1:] != segs[order][:-1], True])
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 seg, pick = segs[order[lo]], order[lo:hi]
-                stored = zarr.open_group(loc.url_of(commits[seg]["data_path"]), mode="r")[layout.IDS][...]
+                stored = zarr.open_group(loc.url_of(commits[seg].data_path), mode="r")[layout.IDS][...]
                 rows = rows_all[pick]
                 if (rows >= len(stored)).any() or list(stored[rows]) != list(ids_all[pick]):
                     problems.append(f"the id index disagrees with the ids stored in segment {seg}")
         if index.duplicates.num_rows:
             warnings.append(f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "
-                            f"(listed in index/{json.loads(loc.read_bytes(layout.INDEX, layout.INDEX_POINTER))['duplicates']})")
+                            f"(listed in index/{read_pointer(loc).duplicates})")
     leftovers = find_uncommitted(loc, commits, keep=retired_paths(loc))
     if leftovers:
         problems.append(f"{len(leftovers)} uncommitted leftover(s) (run 'verify --repair'): {', '.join(leftovers[:5])}")

@@ -20,16 +20,17 @@ import pyarrow.parquet as pq
 import zarr
 
 from edje_indexer.schemas import layout, tables
+from edje_indexer.schemas.records import CommitRecord, IndexPointer
 from edje_indexer.schemas.storage import Location
 
 
-def read_commits(loc: Location) -> dict[str, dict]:
+def read_commits(loc: Location) -> dict[str, CommitRecord]:
     """segment name -> commit record, for every committed segment."""
     out = {}
     for name in loc.list(layout.COMMITS):
         if name.endswith(".json") and not name.startswith("."):
-            rec = loc.read_json(layout.COMMITS, name)
-            out[rec["segment"]] = rec
+            rec = CommitRecord.from_json(loc.read_json(layout.COMMITS, name))
+            out[rec.segment] = rec
     return out
 
 
@@ -47,29 +48,30 @@ class IdIndex:
     published: bool = False  # True when this is exactly the stored generation (nothing patched in)
 
 
-def _pointer(loc: Location) -> dict | None:
+def read_pointer(loc: Location) -> IndexPointer | None:
+    """The published generation, or None before the first job finished."""
     if not loc.exists(layout.INDEX, layout.INDEX_POINTER):
         return None
-    return loc.read_json(layout.INDEX, layout.INDEX_POINTER)
+    return IndexPointer.from_json(loc.read_json(layout.INDEX, layout.INDEX_POINTER))
 
 
 def _read_parquet(loc: Location, name: str) -> pa.Table:
     return pq.read_table(io.BytesIO(loc.read_bytes(layout.INDEX, name)))
 
 
-def load_index(loc: Location, commits: dict[str, dict]) -> IdIndex:
+def load_index(loc: Location, commits: dict[str, CommitRecord]) -> IdIndex:
     """The index as of ``commits``: the stored generation, patched with what changed since."""
-    ptr = _pointer(loc)
+    ptr = read_pointer(loc)
     if ptr:
-        base = _read_parquet(loc, ptr["ids"])
-        dups = _read_parquet(loc, ptr["duplicates"])
-        covered = dict(ptr["segments"])
+        base = _read_parquet(loc, ptr.ids)
+        dups = _read_parquet(loc, ptr.duplicates)
+        covered = dict(ptr.segments)
         rows = pa.concat_tables([base, dups.select(["id", "segment", "row"])])
-        generation = int(ptr["generation"])
+        generation = ptr.generation
     else:
         rows = tables.INDEX_SCHEMA.empty_table()
         covered, generation = {}, 0
-    current = {s: c["data_path"] for s, c in commits.items()}
+    current = {s: c.data_path for s, c in commits.items()}
     stale = [s for s, p in covered.items() if current.get(s) != p]
     fresh = [s for s, p in current.items() if covered.get(s) != p]
     if not stale and not fresh and ptr:
@@ -113,8 +115,8 @@ def _dedupe(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def retired_paths(loc: Location) -> list[str]:
     """Superseded data kept for readers of the previous snapshot (see schemas/layout.py)."""
-    ptr = _pointer(loc)
-    return list(ptr.get("retired", [])) if ptr else []
+    ptr = read_pointer(loc)
+    return list(ptr.retired) if ptr else []
 
 
 def write_index(loc: Location, index: IdIndex, retired: list[str] = ()) -> IdIndex:
@@ -123,17 +125,18 @@ def write_index(loc: Location, index: IdIndex, retired: list[str] = ()) -> IdInd
     The previous generation's files are kept (a reader may have just read the
     old pointer); older ones are deleted.
     """
-    previous = _pointer(loc) or {}
+    previous = read_pointer(loc)
     gen = index.generation + 1
     names = {"ids": f"ids-{gen:08d}.parquet", "duplicates": f"duplicates-{gen:08d}.parquet"}
     for key, table in (("ids", index.table), ("duplicates", index.duplicates)):
         buf = io.BytesIO()
         pq.write_table(table, buf)
         loc.write_bytes_atomic(buf.getvalue(), layout.INDEX, names[key])
-    loc.write_json_atomic({"generation": gen, **names, "segments": index.covered, "retired": sorted(retired),
-                           "images": index.table.num_rows, "duplicates_count": index.duplicates.num_rows},
-                          layout.INDEX, layout.INDEX_POINTER)
-    keep = set(names.values()) | {previous.get("ids"), previous.get("duplicates")}
+    pointer = IndexPointer(generation=gen, ids=names["ids"], duplicates=names["duplicates"], segments=index.covered,
+                           retired=sorted(retired), images=index.table.num_rows,
+                           duplicates_count=index.duplicates.num_rows)
+    loc.write_json_atomic(pointer.to_json(), layout.INDEX, layout.INDEX_POINTER)
+    keep = set(names.values()) | ({previous.ids, previous.duplicates} if previous else set())
     for name in loc.list(layout.INDEX):
         if name.endswith(".parquet") and name not in keep:
             loc.remove(layout.INDEX, name)

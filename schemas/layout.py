@@ -60,10 +60,6 @@ IDS = "ids"
 
 INDEX_POINTER = "CURRENT.json"
 
-# Store metadata fields that must match for a job to write into a store.
-IDENTITY_FIELDS = ("schema_version", "model", "quantization", "id_policy")
-
-
 def short_hash(text: str, n: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
@@ -83,10 +79,9 @@ def segment_name(shard_url: str) -> str:
     return f"{stem}-{short_hash(shard_url)}"
 
 
-def segment_data_path(segment: str, source_fingerprint: dict, revision: int = 0) -> str:
-    """Relative path of the data group of one version of a shard."""
-    key = f"{source_fingerprint.get('size')}:{source_fingerprint.get('version')}"
-    return f"{SEGMENTS}/{segment}.{short_hash(key, 12)}" + (f".r{revision}" if revision else "")
+def segment_data_path(segment: str, source, revision: int = 0) -> str:
+    """Relative path of the data group of one version of a shard (``source``: a records.SourceVersion)."""
+    return f"{SEGMENTS}/{segment}.{short_hash(source.key(), 12)}" + (f".r{revision}" if revision else "")
 
 
 def commit_path(segment: str) -> tuple[str, str]:
@@ -106,25 +101,3 @@ def array_chunking(rows: int, tokens: int, dim: int) -> dict:
     """Chunk/shard shapes of a segment's token array (see module docstring)."""
     rows = max(rows, 1)  # zarr needs a positive shard shape, even for empty segments
     return {"chunks": (1, tokens, dim), "shards": (rows, tokens, dim)}
-
-
-def identity_of(metadata: dict) -> dict:
-    return {k: metadata.get(k) for k in IDENTITY_FIELDS}
-
-
-def identity_hash(metadata: dict) -> str:
-    import json
-
-    return hashlib.sha256(json.dumps(identity_of(metadata), sort_keys=True).encode()).hexdigest()
-
-
-def identity_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two identity dicts (nested)."""
-    out = []
-    for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += identity_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: store has {a!r}, job has {b!r}")
-    return out

@@ -1,8 +1,8 @@
 """The one definition of how token values are stored and recovered.
 
-Writers encode with :func:`encode` (torch, so it runs on the device that
-produced the tokens); readers decode with :func:`decode` (numpy) or
-:func:`decode_torch` (for consumers that dequantize on their GPU).
+Writers quantize with :func:`quantize` (torch, so it runs on the device that
+produced the tokens); readers recover floats with :func:`dequantize` (numpy)
+or :func:`dequantize_torch` (for consumers that dequantize on their GPU).
 
 * ``fp16``: tokens cast to float16. Values outside float16's range are an
   error for the caller to handle (the writer rejects such an image).
@@ -47,7 +47,7 @@ def bytes_per_image(quantization: str, tokens: int, dim: int) -> int:
     return tokens * dim + tokens * 2
 
 
-def encode(x, quantization: str):
+def quantize(x, quantization: str):
     """Encode float tokens ``x`` [..., m, d] (a torch tensor, any device).
 
     Returns ``(values, scales)`` as torch tensors on ``x``'s device: float16
@@ -75,7 +75,7 @@ def encode(x, quantization: str):
     return q, scale
 
 
-def decode(values: np.ndarray, scales: np.ndarray | None, quantization: str, dtype=np.float32) -> np.ndarray:
+def dequantize(values: np.ndarray, scales: np.ndarray | None, quantization: str, dtype=np.float32) -> np.ndarray:
     """Stored values (and scales) back to floats, as numpy."""
     if check_quantization(quantization) == "fp16":
         return values.astype(dtype, copy=False)
@@ -84,8 +84,8 @@ def decode(values: np.ndarray, scales: np.ndarray | None, quantization: str, dty
     return (values.astype(np.float32) * scales.astype(np.float32)[..., None]).astype(dtype, copy=False)
 
 
-def decode_torch(values, scales, quantization: str, dtype=None):
-    """Same as :func:`decode` for torch tensors (e.g. on a GPU)."""
+def dequantize_torch(values, scales, quantization: str, dtype=None):
+    """Same as :func:`dequantize` for torch tensors (e.g. on a GPU)."""
     import torch
 
     dtype = dtype or torch.float32

@@ -161,6 +161,23 @@ class SourceVersion:
 
 
 @dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: index the shard at ``url`` into segment ``segment`` (the element the job spreads)."""
+
+    url: str
+    segment: str
+    source: SourceVersion  # the version planned; recorded in the commit
+    revision: int = 0  # > 0: re-indexing an unchanged source; never overwrite committed data
+    replaces: str | None = None  # data_path of the committed version this task supersedes
+
+    @property
+    def data_path(self) -> str:
+        from edje_indexer.schemas.layout import segment_data_path
+
+        return segment_data_path(self.segment, self.source, self.revision)
+
+
+@dataclass(frozen=True)
 class Source:
     """A committed shard's source: the version planned, and what was actually read."""
 
@@ -201,10 +218,12 @@ class CommitRecord(_Record):
     committed_at: str = field(default_factory=utc_now)
     schema_version: int = SCHEMA_VERSION
 
-    def __post_init__(self):
+    def accounting_error(self) -> str | None:
+        """What does not add up in the counts (every sample read is stored or rejected), or None."""
         if self.samples_read != self.indexed + self.rejected or self.rows != self.indexed:
-            raise ValueError(f"accounting error in the commit of {self.shard}: {self.samples_read} read, "
-                             f"{self.indexed} indexed, {self.rejected} rejected, {self.rows} rows")
+            return (f"counts do not add up (read {self.samples_read}, indexed {self.indexed}, "
+                    f"rejected {self.rejected}, rows {self.rows})")
+        return None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,4 +279,4 @@ def as_json_bytes(record: _Record) -> bytes:
 
 
 __all__ = ["CommitRecord", "FailureRecord", "IDENTITY_FIELDS", "IndexPointer", "ModelIdentity", "SchemaVersionError",
-           "Source", "SourceVersion", "StoreMetadata", "as_json_bytes", "check_schema_version", "utc_now"]
+           "ShardTask", "Source", "SourceVersion", "StoreMetadata", "as_json_bytes", "check_schema_version", "utc_now"]

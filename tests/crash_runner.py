@@ -15,7 +15,7 @@ import sys
 from edje_indexer.pipeline import job as pipeline_job
 from edje_indexer.schemas import storage as schemas_storage
 from edje_indexer.transforms import indexer as transforms_indexer
-from edje_indexer.transforms import write as transforms_write
+from edje_indexer.schemas import segment as schemas_segment
 from edje_indexer.pipeline.cli import main
 
 point, nth = sys.argv[1], int(sys.argv[2])
@@ -41,13 +41,13 @@ if point == "read":
 
     transforms_indexer.iter_shard = iter_shard
 elif point == "write":
-    original_ids = transforms_write.ids_checksum
+    original_ids = schemas_segment.ids_checksum
 
     def ids_checksum(ids):
         maybe_die()
         return original_ids(ids)
 
-    transforms_write.ids_checksum = ids_checksum
+    schemas_segment.ids_checksum = ids_checksum
 elif point == "commit":
     original_replace = schemas_storage.os.replace
 

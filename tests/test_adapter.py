@@ -84,9 +84,9 @@ def test_weights_files_load_into_the_tiny_model(tmp_path):
     for adapter in (adapter_file, authors_file):
         spec = resolve_spec("tiny", weights=str(backbone_file), adapter=str(adapter))
         loaded = load_model(spec)
-        assert loaded.identity["adapter_sha256"] == tiny.identity["adapter_sha256"]
-        assert loaded.identity["backbone_sha256"] == tiny.identity["backbone_sha256"]
-        assert loaded.identity["random_weights"] is False and loaded.identity["random_adapter"] is False
+        assert loaded.identity.adapter_sha256 == tiny.identity.adapter_sha256
+        assert loaded.identity.backbone_sha256 == tiny.identity.backbone_sha256
+        assert loaded.identity.random_weights is False and loaded.identity.random_adapter is False
 
 
 def test_presets_are_deterministic():

@@ -55,7 +55,7 @@ def test_end_to_end_tokens_match_the_model(tmp_path, corpus, reference_encoder):
     root = zarr.open_group(store, mode="r")
     meta = root.attrs["edje"]
     assert meta["quantization"] == "fp16" and meta["model"]["tokens_per_image"] == 64
-    assert meta["model"]["backbone_sha256"] == reference_encoder.model.identity["backbone_sha256"]
+    assert meta["model"]["backbone_sha256"] == reference_encoder.model.identity.backbone_sha256
 
     stored = stored_by_plain_zarr(store)
     assert set(stored) == set(images)
@@ -208,18 +208,18 @@ def test_torchvision_decoder_path(tmp_path, corpus):
     from torch.nn.functional import cosine_similarity
 
     from edje_indexer.pipeline.presets import resolve_spec
-    from edje_indexer.transforms import decode_torch
+    from edje_indexer.transforms.decoders import TorchvisionDecoder
 
     pattern, images, bad = corpus
     store = str(tmp_path / "store")
     assert run_index(pattern, store, "--decoder", "torchvision") == 0
     ts = TokenStore.open(store)
-    assert ts.metadata["model"]["preprocessing"]["decoder"] == "torchvision"
+    assert ts.metadata.model.preprocessing["decoder"] == "torchvision"
     assert sorted(ts.ids()) == sorted(images)
     enc = TokenEncoder(load_model(resolve_spec("tiny", decoder="torchvision")), "fp16")
     pillow = TokenEncoder(load_model(resolve_spec("tiny")), "fp16")
     for image_id, data in images.items():
-        pixels = decode_torch.prepare(data, enc.model.preprocess, 10**8, enc.device)
+        pixels = TorchvisionDecoder(enc.model.preprocess, enc.device, 10**8).prepare(data)
         ref = enc.encode_float(pixels[None].copy()).numpy()[0]
         np.testing.assert_allclose(ts.get([image_id])[0], ref, rtol=2e-3, atol=1e-4)
         # torch's antialiased resize of a full decode vs Pillow's draft + resize: close, not equal

@@ -31,8 +31,8 @@ from edje_indexer.pipeline.cli import main
 from edje_indexer.pipeline.summary import summarize
 from edje_indexer.pipeline.presets import PRESETS
 from edje_indexer.schemas import layout
-from edje_indexer.schemas.store import TokenStore
-from edje_indexer.transforms.decode import DecodeRejected, decode_image
+from edje_indexer.schemas.reader import TokenStore
+from edje_indexer.transforms.decoders import DecodeRejected, decode_image
 from edje_indexer.transforms.shards import IMAGE_EXTENSIONS
 from webdataset.tariterators import base_plus_ext
 
@@ -315,19 +315,19 @@ def test_a_stuck_decoder_is_rejected_by_timeout_not_a_hang(tmp_path, monkeypatch
     """A decoder that never returns costs one image (reason 'timeout'), not the job."""
     import threading
 
-    from edje_indexer.transforms import indexer as transforms_indexer
+    from edje_indexer.transforms import decoders
     from helpers import image_bytes, write_tar
     from PIL import Image
 
     release = threading.Event()
-    real = transforms_indexer.decode_image
+    real = decoders.PillowDecoder.prepare
 
-    def decode(data, pp, max_pixels):
+    def prepare(self, data):
         if data.startswith(b"\x89PNG"):
             release.wait(60)  # stands in for a pathological decode
-        return real(data, pp, max_pixels)
+        return real(self, data)
 
-    monkeypatch.setattr(transforms_indexer, "decode_image", decode)
+    monkeypatch.setattr(decoders.PillowDecoder, "prepare", prepare)
     im = Image.new("RGB", (40, 30), (200, 10, 10))
     shard = write_tar(tmp_path / "stuck.tar", [("a.jpg", image_bytes(im, "JPEG")), ("stuck.png", image_bytes(im, "PNG")),
                                                ("b.jpg", image_bytes(im, "JPEG"))])
@@ -371,18 +371,18 @@ def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, m
 
 def test_images_queued_behind_a_timed_out_decode_are_not_rejected(tmp_path, monkeypatch):
     """One decode thread, a 1 s timeout, a 3 s decode: only the slow image is a timeout."""
-    from edje_indexer.transforms import indexer as transforms_indexer
+    from edje_indexer.transforms import decoders
     from helpers import image_bytes, write_tar
     from PIL import Image
 
-    real = transforms_indexer.decode_image
+    real = decoders.PillowDecoder.prepare
 
-    def decode(data, pp, max_pixels):
+    def prepare(self, data):
         if data.startswith(b"\x89PNG"):
             time.sleep(3)
-        return real(data, pp, max_pixels)
+        return real(self, data)
 
-    monkeypatch.setattr(transforms_indexer, "decode_image", decode)
+    monkeypatch.setattr(decoders.PillowDecoder, "prepare", prepare)
     im = Image.new("RGB", (40, 30), (20, 100, 10))
     members = [("slow.png", image_bytes(im, "PNG"))] + [(f"fast{i}.jpg", image_bytes(im, "JPEG")) for i in range(3)]
     shard = write_tar(tmp_path / "queue.tar", members)

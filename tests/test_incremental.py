@@ -56,7 +56,7 @@ def contents(store) -> dict[str, bytes]:
 
 
 def committed(store) -> dict[str, tuple]:
-    return {s: (c["data_path"], c["rows"], json.dumps(c["checksums"], sort_keys=True))
+    return {s: (c.data_path, c.rows, json.dumps(c.checksums, sort_keys=True))
             for s, c in read_commits(Location(store)).items()}
 
 
@@ -108,13 +108,13 @@ def test_force_never_touches_committed_data_even_when_killed(tmp_path, shards):
     before = contents(store)
     cmd = [sys.executable, os.path.join(HERE, "crash_runner.py"), "write", "2", "--",
            "index", "--input", pattern, "--store", store, *TINY, "--force"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert contents(store) == before  # readers still see every committed row
     assert index(pattern, store, "--force") == 0
     assert contents(store) == before and verify_json(store, "--deep")["ok"]
     # every shard now lives in a new folder: r1, or r2 for the one the killed run had already redone
-    revisions = sorted(c["revision"] for c in read_commits(Location(store)).values())
+    revisions = sorted(c.revision for c in read_commits(Location(store)).values())
     assert revisions == [1, 1, 1, 2]
 
 
@@ -125,7 +125,7 @@ def test_killed_job_reruns_to_the_clean_result(tmp_path, shards, point, nth):
     assert index(pattern, clean) == 0
     cmd = [sys.executable, os.path.join(HERE, "crash_runner.py"), point, str(nth), "--",
            "index", "--input", pattern, "--store", crashed, *TINY]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
     # what a reader sees now: only committed segments, never a half-written one
@@ -149,7 +149,7 @@ def test_sigkill_of_the_multiprocess_tree(tmp_path, shards):
     assert index(pattern, clean) == 0
     cmd = [sys.executable, "-m", "edje_indexer.pipeline.cli", "index", "--input", pattern, "--store", crashed, *TINY,
            "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -172,7 +172,7 @@ def test_verify_catches_corruption_and_repairs_leftovers(tmp_path, shards, capsy
     a, b = sorted(commits)[:2]
 
     # one flipped byte in a token chunk: only --deep recomputes the checksum
-    chunk = os.path.join(store, commits[a]["data_path"], "tokens", "c", "0", "0", "0")
+    chunk = os.path.join(store, commits[a].data_path, "tokens", "c", "0", "0", "0")
     with open(chunk, "r+b") as f:
         f.seek(1000)
         byte = f.read(1)
@@ -185,12 +185,12 @@ def test_verify_catches_corruption_and_repairs_leftovers(tmp_path, shards, capsy
     # a deleted segment
     import shutil
 
-    shutil.rmtree(os.path.join(store, commits[b]["data_path"]))
+    shutil.rmtree(os.path.join(store, commits[b].data_path))
     assert any(b in p and "unreadable" in p for p in verify_json(store)["problems"])
 
     # a stray uncommitted segment, removed by --repair
     stray = os.path.join(store, "segments", "stray-0123456789.abcdefabcdef")
-    shutil.copytree(os.path.join(store, commits[a]["data_path"]), stray)
+    shutil.copytree(os.path.join(store, commits[a].data_path), stray)
     assert any("uncommitted" in p for p in verify_json(store)["problems"])
     report = verify_json(store, "--repair")
     assert not os.path.exists(stray)
@@ -204,12 +204,12 @@ def test_second_job_refuses_or_waits_and_stale_locks_are_taken_over(tmp_path, sh
     # a job that holds the lock for a while (it sleeps inside its first shard)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time, transforms.indexer as t; f = t.index_shard; slept = []\n"
+         "import sys, time; from edje_indexer.transforms import index_shards as t; f = t.index_shard; slept = []\n"
          "def slow(*a, **k):\n    slept or time.sleep(4); slept.append(1); return f(*a, **k)\n"
-         "t.index_shard = slow; import pipeline.job as j; j.index_shard = slow\n"
-         "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))",
+         "t.index_shard = slow\n"
+         "from edje_indexer.pipeline.cli import main; sys.exit(main(sys.argv[1:]))",
          "index", "--input", pattern, "--store", store, *TINY],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not os.path.exists(os.path.join(store, "_lock")) and time.time() < deadline:
         time.sleep(0.05)

@@ -27,20 +27,20 @@ def token_batches(draw):
 @settings(max_examples=200, deadline=None)
 @given(token_batches())
 def test_fp16_round_trip_is_exact(x):
-    stored, scales = q.encode(torch.from_numpy(x), "fp16")
+    stored, scales = q.quantize(torch.from_numpy(x), "fp16")
     assert scales is None and stored.dtype == torch.float16
-    back = q.decode(stored.numpy(), None, "fp16")
+    back = q.dequantize(stored.numpy(), None, "fp16")
     np.testing.assert_array_equal(back, x.astype(np.float16).astype(np.float32))
 
 
 @settings(max_examples=300, deadline=None)
 @given(token_batches())
 def test_int8_error_is_bounded_per_token(x):
-    stored, scales = q.encode(torch.from_numpy(x), "int8")
+    stored, scales = q.quantize(torch.from_numpy(x), "int8")
     assert stored.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == x.shape[:-1]
     s, v = scales.numpy().astype(np.float32), stored.numpy()
     assert (np.abs(v.astype(np.int32)) <= 127).all()
-    back = q.decode(v, scales.numpy(), "int8")
+    back = q.dequantize(v, scales.numpy(), "int8")
     amax = np.abs(x).max(axis=-1, keepdims=True)
     # half a quantization step (float32 arithmetic adds a hair)
     assert (s[..., None] * 127 >= amax * (1 - 1e-6)).all()  # the scale covers the token's range
@@ -53,16 +53,16 @@ def test_int8_error_is_bounded_per_token(x):
 @settings(max_examples=50, deadline=None)
 @given(token_batches(), st.sampled_from(q.QUANTIZATIONS))
 def test_numpy_and_torch_decoders_agree(x, name):
-    stored, scales = q.encode(torch.from_numpy(x), name)
-    a = q.decode(stored.numpy(), None if scales is None else scales.numpy(), name)
-    b = q.decode_torch(stored, scales, name).numpy()
+    stored, scales = q.quantize(torch.from_numpy(x), name)
+    a = q.dequantize(stored.numpy(), None if scales is None else scales.numpy(), name)
+    b = q.dequantize_torch(stored, scales, name).numpy()
     np.testing.assert_array_equal(a, b)
 
 
 def test_zero_token_and_bytes_per_image():
     x = torch.zeros(1, 2, 5)
     x[0, 1] = torch.tensor([1.0, -2.0, 0.5, 0.0, 2.0])
-    v, s = q.encode(x, "int8")
+    v, s = q.quantize(x, "int8")
     assert v[0, 0].abs().sum() == 0 and s[0, 0] == 0
     # scale = fp16 just above 2/127, so 1.0 lands at 63.49 -> 63
     assert v[0, 1].tolist() == [63, -127, 32, 0, 127]
@@ -72,11 +72,11 @@ def test_zero_token_and_bytes_per_image():
 
 def test_unknown_quantization_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        q.encode(torch.zeros(1, 1, 1), "int4")
+        q.quantize(torch.zeros(1, 1, 1), "int4")
 
 
 def test_int8_scale_covers_a_token_of_float32_denormals():
     """max|x| / 127 underflows to 0 in float32 for denormal tokens; the scale must still cover them."""
     x = torch.full((1, 2, 8), 1e-45)
-    stored, scales = q.encode(x, "int8")
+    stored, scales = q.quantize(x, "int8")
     assert (scales.float() * 127 >= x.abs().amax(-1)).all() and (scales > 0).all()

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import zarr
 
-from edje_indexer.schemas import store as schemas_store
+from edje_indexer.schemas import reader as schemas_store
 from edje_indexer.benchmarks.synthetic_store import build_synthetic_store, encode_tokens, random_tokens, write_segment
 from edje_indexer.pipeline import cli
 from edje_indexer.schemas import quantization
-from edje_indexer.schemas.store import TokenStore, UnknownIdError
+from edje_indexer.schemas.reader import TokenStore, UnknownIdError
 from edje_indexer.schemas.storage import Location
 
 N, PER_SEGMENT, M, D = 300, 70, 64, 384  # 5 segments, the last one short
@@ -32,7 +32,7 @@ def store(built):
 
 
 def _encoded(built, rows):
-    return encode_tokens(built.tokens[rows], built.metadata["quantization"])
+    return encode_tokens(built.tokens[rows], built.metadata.quantization)
 
 
 def _picks(built, seed=0, k=40):
@@ -72,7 +72,7 @@ def test_get_matches_the_tokens_written(built, store):
     rows = np.arange(N)
     got = store.get([built.ids[r] for r in rows])
     x = built.tokens[rows]
-    if built.metadata["quantization"] == "fp16":
+    if built.metadata.quantization == "fp16":
         np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float32))
     else:
         _, scales = store.get_raw([built.ids[r] for r in rows])
@@ -86,11 +86,11 @@ def test_get_matches_the_tokens_written(built, store):
 def test_get_is_quantization_decode_bit_for_bit(built, store):
     ids = [built.ids[r] for r in _picks(built, seed=1)]
     values, scales = store.get_raw(ids)
-    q = built.metadata["quantization"]
+    q = built.metadata.quantization
     for dtype in (np.float32, np.float16, np.float64):
         got = store.get(ids, dtype=dtype)
         assert got.dtype == dtype
-        np.testing.assert_array_equal(got, quantization.decode(values, scales, q, dtype=dtype))
+        np.testing.assert_array_equal(got, quantization.dequantize(values, scales, q, dtype=dtype))
     out = np.full((len(ids), M, D), np.nan, np.float32)
     assert store.get(ids, out=out) is out
     np.testing.assert_array_equal(out, store.get(ids))
@@ -104,7 +104,7 @@ def test_every_decode_path_gives_the_same_bits(built, store):
 
     ids = [built.ids[r] for r in _picks(built, seed=6, k=250)]  # several 2 MB chunks
     values, scales = store.get_raw(ids)
-    want = quantization.decode(values, scales, built.metadata["quantization"])
+    want = quantization.dequantize(values, scales, built.metadata.quantization)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
@@ -116,7 +116,7 @@ def test_every_decode_path_gives_the_same_bits(built, store):
     no_torch._torch = None
     np.testing.assert_array_equal(no_torch.get(ids), want)
     np.testing.assert_array_equal(no_torch.get(ids, dtype=np.float16),
-                                  quantization.decode(values, scales, built.metadata["quantization"], np.float16))
+                                  quantization.dequantize(values, scales, built.metadata.quantization, np.float16))
 
 
 def test_get_raw_returns_stored_bytes_and_scales(built, store):
@@ -124,7 +124,7 @@ def test_get_raw_returns_stored_bytes_and_scales(built, store):
     values, scales = store.get_raw([built.ids[r] for r in rows])
     want_values, want_scales = _encoded(built, rows)
     assert values.dtype == want_values.dtype and values.tobytes() == want_values.tobytes()
-    if built.metadata["quantization"] == "fp16":
+    if built.metadata.quantization == "fp16":
         assert values.dtype == np.float16 and scales is None
     else:
         assert values.dtype == np.int8 and scales.dtype == np.float16 and scales.shape == (len(rows), M)
@@ -223,7 +223,7 @@ def test_fsspec_memory_url():
         want_values, want_scales = _encoded(built, rows)
         np.testing.assert_array_equal(values, want_values)
         np.testing.assert_array_equal(scales, want_scales)
-        np.testing.assert_array_equal(s.get([built.ids[r] for r in rows]), quantization.decode(values, scales, "int8"))
+        np.testing.assert_array_equal(s.get([built.ids[r] for r in rows]), quantization.dequantize(values, scales, "int8"))
     finally:
         Location(url).fs.rm(url.split("://", 1)[1].rsplit("/", 1)[0], recursive=True)
 
@@ -231,7 +231,7 @@ def test_fsspec_memory_url():
 def _extra_segment(built, name, n=10, seed=99):
     ids = [f"{name}-{i}" for i in range(n)]
     x = random_tokens(__import__("torch").Generator().manual_seed(seed), n, M, D)
-    values, scales = encode_tokens(x, built.metadata["quantization"])
+    values, scales = encode_tokens(x, built.metadata.quantization)
     return ids, x, values, scales
 
 
@@ -258,7 +258,7 @@ def test_commit_after_the_index_generation_is_visible(tmp_path):
     got_values, got_scales = s.get_raw([ids[3], built.ids[5], ids[0]])
     np.testing.assert_array_equal(got_values[[0, 2]], values[[3, 0]])
     np.testing.assert_array_equal(got_scales[[0, 2]], scales[[3, 0]])
-    np.testing.assert_array_equal(s.get([ids[7]])[0], quantization.decode(values[7], scales[7], "int8"))
+    np.testing.assert_array_equal(s.get([ids[7]])[0], quantization.dequantize(values[7], scales[7], "int8"))
 
 
 @pytest.mark.parametrize("with_nul", [False, True])
