@@ -4,7 +4,7 @@
                                 [--text-len 24] [--quantization fp16|int8] [--store-images N]
                                 [--repeats 3] [--precision fp32|bf16] [--torch-threads N]
 
-The model is MiniLM-L12-H384 (rerank.model.minilm_l12_h384_config, random
+The model is MiniLM-L12-H384 (rerank.joint_encoder.minilm_l12_h384_config, random
 weights; ``--layers`` changes the depth), in eval mode; bf16 autocast on
 CUDA, fp32 on the CPU (``--precision`` overrides). Each pair is one query of
 ``--text-len`` tokens ([CLS] and [SEP] included; the paper's timing uses 24)
@@ -78,8 +78,8 @@ def _timed(fns: list, device: torch.device, repeats: int) -> list[list[float]]:
 
 def run(args) -> dict:
     from edje_indexer.benchmarks.synthetic_store import build_synthetic_store
-    from edje_indexer.rerank.model import EdjeJointEncoder, Reranker, minilm_l12_h384_config, tokenize
-    from edje_indexer.schemas.store import TokenStore
+    from edje_indexer.rerank import EdjeJointEncoder, Reranker, minilm_l12_h384_config, tokenize
+    from edje_indexer.schemas import TokenStore
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

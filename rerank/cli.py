@@ -4,7 +4,7 @@ Scores each candidate image of the store against the query with the EDJE
 joint encoder and prints them best first. ``--model``: a folder with
 ``config.json``, the weights (``model.safetensors``, ``pytorch_model.bin``,
 ``*.pt``/``*.pth``, authors' or Hugging Face BERT parameter names: see
-rerank/model.py) and the BERT tokenizer files (``vocab.txt`` or
+rerank/checkpoint.py) and the BERT tokenizer files (``vocab.txt`` or
 ``tokenizer.json``); default ``$EDJE_RERANK_MODEL``. Loaded offline.
 
 This module imports nothing heavy at import time: ``pipeline/cli.py`` calls
@@ -41,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no reranker model: pass --model DIR (config.json, weights, tokenizer files) "
                          f"or set {MODEL_ENV}")
     try:
-        from edje_indexer.rerank.model import Reranker, load_reranker
+        from edje_indexer.rerank import Reranker, load_reranker
     except ImportError as e:
         msg = str(e)
         if "edje-indexer[rerank]" not in msg:
             msg = f"the rerank command needs the [rerank] extra: pip install 'edje-indexer[rerank]' ({msg})"
         raise RuntimeError(msg) from e
-    from edje_indexer.schemas.store import TokenStore
+    from edje_indexer.schemas import TokenStore
 
     store = TokenStore.open(args.store)
     model, tokenizer = load_reranker(args.model)

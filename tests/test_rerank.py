@@ -20,7 +20,7 @@ from transformers import BertTokenizerFast  # noqa: E402
 
 from edje_indexer.benchmarks.synthetic_store import build_synthetic_store  # noqa: E402
 from edje_indexer.rerank import cli as rerank_cli  # noqa: E402
-from edje_indexer.rerank.model import (  # noqa: E402
+from edje_indexer.rerank import (  # noqa: E402
     CheckpointError,
     EdjeJointEncoder,
     Reranker,
@@ -30,7 +30,7 @@ from edje_indexer.rerank.model import (  # noqa: E402
     save_pretrained,
     tokenize,
 )
-from edje_indexer.schemas.store import TokenStore, UnknownIdError  # noqa: E402
+from edje_indexer.schemas import TokenStore, UnknownIdError  # noqa: E402
 
 WORDS = ["a", "an", "the", "dog", "cat", "red", "car", "on", "in", "grass", "beach", "man", "woman", "riding",
          "bike", "street", "two", "small", "big", "water", "##s", "##ing", "photo", "of", "white", "black"]
