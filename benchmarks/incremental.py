@@ -25,13 +25,13 @@ import tempfile
 import time
 
 from PIL import Image
+from webdataset import TarWriter
 
 from edje_indexer.pipeline.demo import packaged_photos
 from edje_indexer.pipeline.job import JobConfig, run_job
 from edje_indexer.pipeline.presets import resolve_spec
 from edje_indexer.transforms.indexer import IndexSettings
 from edje_indexer.transforms.model import shared_model
-from webdataset import TarWriter
 
 
 def _photos(size=160):
@@ -104,19 +104,27 @@ def main(argv=None):
     untouched = all(segments_after.get(k) == v for k, v in segments_before.items())
 
     inc, one = statistics.median(incremental), statistics.median(alone)
-    print(json.dumps({
-        "benchmark": "incremental",
-        "existing_shards": args.shards,
-        "images_per_shard": args.images_per_shard,
-        "initial_full_run_s": round(t_full, 3),
-        "incremental_run_s": round(inc, 3),
-        "one_shard_empty_store_s": round(one, 3),
-        "ratio": round(inc / one, 3),
-        "goal_ratio_at_most": 1.25,
-        "existing_segment_files_untouched": untouched,
-        "existing_segment_files_checked": len(segments_before),
-        "runs_s": {"incremental": [round(x, 3) for x in incremental], "empty_store": [round(x, 3) for x in alone]},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "benchmark": "incremental",
+                "existing_shards": args.shards,
+                "images_per_shard": args.images_per_shard,
+                "initial_full_run_s": round(t_full, 3),
+                "incremental_run_s": round(inc, 3),
+                "one_shard_empty_store_s": round(one, 3),
+                "ratio": round(inc / one, 3),
+                "goal_ratio_at_most": 1.25,
+                "existing_segment_files_untouched": untouched,
+                "existing_segment_files_checked": len(segments_before),
+                "runs_s": {
+                    "incremental": [round(x, 3) for x in incremental],
+                    "empty_store": [round(x, 3) for x in alone],
+                },
+            },
+            indent=1,
+        )
+    )
     return 0 if untouched else 1
 
 

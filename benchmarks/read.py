@@ -41,8 +41,8 @@ import numpy as np
 
 from edje_indexer.benchmarks.synthetic_store import build_synthetic_store
 from edje_indexer.schemas import quantization
-from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.reader import TokenStore
+from edje_indexer.schemas.storage import Location
 
 KS = (10, 100, 1000)
 BATCHES = {10: 2000, 100: 1000, 1000: 150}
@@ -50,8 +50,14 @@ M, D = 64, 384
 
 
 def _params(args) -> dict:
-    return {"images": args.images, "images_per_segment": args.images_per_segment,
-            "quantization": args.quantization, "m": M, "d": D, "seed": args.seed}
+    return {
+        "images": args.images,
+        "images_per_segment": args.images_per_segment,
+        "quantization": args.quantization,
+        "m": M,
+        "d": D,
+        "seed": args.seed,
+    }
 
 
 def _built(folder: str, args) -> dict | None:
@@ -76,21 +82,35 @@ def build(folder: str, args) -> tuple[list[str], float, bool]:
         os.remove(os.path.join(folder, "benchmark.json"))
     os.makedirs(folder, exist_ok=True)
     int8 = args.quantization == "int8"
-    tokens = np.lib.format.open_memmap(os.path.join(folder, "tokens.npy"), mode="w+",
-                                       dtype=np.int8 if int8 else np.float16, shape=(args.images, M, D))
-    scales = (np.lib.format.open_memmap(os.path.join(folder, "scales.npy"), mode="w+", dtype=np.float16,
-                                        shape=(args.images, M)) if int8 else None)
+    tokens = np.lib.format.open_memmap(
+        os.path.join(folder, "tokens.npy"), mode="w+", dtype=np.int8 if int8 else np.float16, shape=(args.images, M, D)
+    )
+    scales = (
+        np.lib.format.open_memmap(
+            os.path.join(folder, "scales.npy"), mode="w+", dtype=np.float16, shape=(args.images, M)
+        )
+        if int8
+        else None
+    )
 
     def copy(start, ids, values, sc):
-        tokens[start:start + len(ids)] = values
+        tokens[start : start + len(ids)] = values
         if sc is not None:
-            scales[start:start + len(ids)] = sc
+            scales[start : start + len(ids)] = sc
 
     t = time.perf_counter()
-    built = build_synthetic_store(os.path.join(folder, "store"), args.images, args.images_per_segment,
-                                  args.quantization, M, D, seed=args.seed, on_segment=copy)
+    built = build_synthetic_store(
+        os.path.join(folder, "store"),
+        args.images,
+        args.images_per_segment,
+        args.quantization,
+        M,
+        D,
+        seed=args.seed,
+        on_segment=copy,
+    )
     tokens.flush()
-    del tokens
+    tokens = None  # release the memmap before it is read back
     if scales is not None:
         scales.flush()
         del scales
@@ -104,8 +124,11 @@ def build(folder: str, args) -> tuple[list[str], float, bool]:
 
 def _stats(lat: list[float], k: int) -> dict:
     a = np.asarray(lat)
-    return {"images_per_s": round(k * len(a) / a.sum()), "p50_ms": round(float(np.percentile(a, 50)) * 1e3, 3),
-            "p99_ms": round(float(np.percentile(a, 99)) * 1e3, 3)}
+    return {
+        "images_per_s": round(k * len(a) / a.sum()),
+        "p50_ms": round(float(np.percentile(a, 50)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(a, 99)) * 1e3, 3),
+    }
 
 
 def _time(methods: dict, batches) -> dict[str, list[float]]:
@@ -153,10 +176,10 @@ def run(args) -> dict:
         # Warm cache: every byte of both copies read once, through the mappings that will be timed.
         t = time.perf_counter()
         for a in range(0, n, 1000):
-            store.get_raw(ids[a:a + 1000])
-            np.asarray(tok[a:a + 1000]).sum(dtype=np.float64 if sc is None else np.int64)
+            store.get_raw(ids[a : a + 1000])
+            np.asarray(tok[a : a + 1000]).sum(dtype=np.float64 if sc is None else np.int64)
             if sc is not None:
-                np.asarray(sc[a:a + 1000]).sum()
+                np.asarray(sc[a : a + 1000]).sum()
         warm_s = time.perf_counter() - t
 
         rng = np.random.default_rng(args.seed + 1)
@@ -181,7 +204,7 @@ def run(args) -> dict:
 
             methods = {
                 "get": lambda b: store.get(b[0]),
-                "get_out": lambda b: store.get(b[0], out=buf),
+                "get_out": lambda b, buf=buf: store.get(b[0], out=buf),
                 "get_raw": lambda b: store.get_raw(b[0]),
                 "numpy_limit": limit,
             }
@@ -205,8 +228,11 @@ def run(args) -> dict:
             "tokens_per_image": M,
             "token_dim": D,
             "store_bytes": Location(os.path.join(folder, "store")).du(),
-            "numpy_copy_bytes": sum(os.path.getsize(os.path.join(folder, f)) for f in ("tokens.npy", "scales.npy")
-                                    if os.path.exists(os.path.join(folder, f))),
+            "numpy_copy_bytes": sum(
+                os.path.getsize(os.path.join(folder, f))
+                for f in ("tokens.npy", "scales.npy")
+                if os.path.exists(os.path.join(folder, f))
+            ),
             "build_s": round(build_s, 1),
             "store_reused": reused,
             "open_s": round(open_s, 4),
@@ -218,9 +244,13 @@ def run(args) -> dict:
                 "k1000_get_within_2x_of_numpy_limit": bool(k1000 and k1000["get"]["ratio_to_limit"] >= 0.5),
                 "k100_get_p99_under_10ms": bool("100" in results and results["100"]["get"]["p99_ms"] < 10),
             },
-            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads() if torch else None,
-                        "numpy": np.__version__, "folder": folder,
-                        "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads() if torch else None,
+                "numpy": np.__version__,
+                "folder": folder,
+                "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            },
         }
         if note:
             out["note"] = note

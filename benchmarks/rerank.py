@@ -108,16 +108,15 @@ def run(args) -> dict:
         ids_dev = text.input_ids.to(device).expand(batch, -1)
         images = torch.randn((batch, M, D), generator=torch.Generator().manual_seed(1)).to(device)
         n_batches = -(-pairs // batch)
+
         @torch.inference_mode()
         def encoder():
-            with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                  else contextlib.nullcontext()):
+            with torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
                 done = 0
                 for _ in range(n_batches):
                     k = min(batch, pairs - done)
                     model(ids_dev[:k], None, images[:k])
                     done += k
-
 
         # the same pairs through Reranker.score, tokens read by id from a store
         t0 = time.perf_counter()
@@ -138,13 +137,20 @@ def run(args) -> dict:
         withs = pairs / statistics.median(t_store)
         return {
             "device": str(device),
-            "torch_device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(),
+            "torch_device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "precision": precision,
-            "model": {"config": "MiniLM-L12-H384", "layers": args.layers, "hidden": 384, "heads": 12,
-                      "parameters": params, "random_weights": True},
+            "model": {
+                "config": "MiniLM-L12-H384",
+                "layers": args.layers,
+                "hidden": 384,
+                "heads": 12,
+                "parameters": params,
+                "random_weights": True,
+            },
             "batch_size": batch,
             "pairs": pairs,
             "text_len": args.text_len,
@@ -182,8 +188,11 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 elsewhere")
     p.add_argument("--torch-threads", type=int, help="torch.set_num_threads first")
     args = p.parse_args(argv)
-    if args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.pairs is not None
-                                                                                  and args.pairs < 1):
+    if (
+        args.repeats < 1
+        or (args.batch_size is not None and args.batch_size < 1)
+        or (args.pairs is not None and args.pairs < 1)
+    ):
         p.error("--repeats, --batch-size and --pairs must be >= 1")
     print(json.dumps(run(args), indent=1))
     return 0

@@ -13,8 +13,8 @@ Used by the read benchmark (``python -m edje_indexer.benchmarks.read``) and the 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -31,10 +31,18 @@ SYNTHETIC_SHARD = "synthetic://shards/shard-{seed}-{index:06d}.tar"
 def fake_model_identity(m: int = 64, d: int = 384) -> ModelIdentity:
     """A model identity saying plainly that no model made these tokens."""
     return ModelIdentity(
-        backbone="synthetic", backbone_kwargs={}, backbone_sha256="0" * 64, random_weights=True,
-        adapter={"num_queries": m, "out_dim": d, "synthetic": True}, adapter_sha256="0" * 64, random_adapter=True,
-        tokens="synthetic: seeded standard-normal floats, no model", preprocessing={"synthetic": True},
-        tokens_per_image=m, token_dim=d)
+        backbone="synthetic",
+        backbone_kwargs={},
+        backbone_sha256="0" * 64,
+        random_weights=True,
+        adapter={"num_queries": m, "out_dim": d, "synthetic": True},
+        adapter_sha256="0" * 64,
+        random_adapter=True,
+        tokens="synthetic: seeded standard-normal floats, no model",
+        preprocessing={"synthetic": True},
+        tokens_per_image=m,
+        token_dim=d,
+    )
 
 
 def create_store(url: str, quant: str = "fp16", m: int = 64, d: int = 384, id_policy: str = "key") -> StoreMetadata:
@@ -60,9 +68,16 @@ def encode_tokens(tokens: np.ndarray, quant: str) -> tuple[np.ndarray, np.ndarra
     return values.numpy(), None if scales is None else scales.numpy()
 
 
-def write_segment(loc: Location, metadata: StoreMetadata, shard_url: str, ids: list[str], values: np.ndarray,
-                  scales: np.ndarray | None, commit: bool = True, fingerprint: SourceVersion | None = None
-                  ) -> CommitRecord | None:
+def write_segment(
+    loc: Location,
+    metadata: StoreMetadata,
+    shard_url: str,
+    ids: list[str],
+    values: np.ndarray,
+    scales: np.ndarray | None,
+    commit: bool = True,
+    fingerprint: SourceVersion | None = None,
+) -> CommitRecord | None:
     """Write one segment with the job's writer: data, dead letters, then (optionally) the commit.
 
     ``values``/``scales`` are already quantized (:func:`encode_tokens`). With
@@ -77,8 +92,13 @@ def write_segment(loc: Location, metadata: StoreMetadata, shard_url: str, ids: l
         writer.write_uncommitted(task, data)
         return None
     old = loc.read_json(*layout.commit_path(task.segment)) if loc.exists(*layout.commit_path(task.segment)) else None
-    record = writer.write(task, data, samples_read=len(ids), bytes_read=source.size,
-                          sha256=hashlib.sha256(f"{shard_url}:{source}".encode()).hexdigest())
+    record = writer.write(
+        task,
+        data,
+        samples_read=len(ids),
+        bytes_read=source.size,
+        sha256=hashlib.sha256(f"{shard_url}:{source}".encode()).hexdigest(),
+    )
     if old and old.get("data_path") != task.data_path:
         loc.remove(old["data_path"])
     return record
@@ -100,11 +120,18 @@ class SyntheticStore:
     segment_of: list[int] = field(default_factory=list)  # segment number (into ``segments``) of each id
 
 
-def build_synthetic_store(url: str, n_images: int, images_per_segment: int, quantization: str = "fp16",
-                          m: int = 64, d: int = 384, seed: int = 0, return_tokens: bool = False,
-                          index: bool = True,
-                          on_segment: Callable[[int, list[str], np.ndarray, np.ndarray | None], None] | None = None,
-                          ) -> SyntheticStore:
+def build_synthetic_store(
+    url: str,
+    n_images: int,
+    images_per_segment: int,
+    quantization: str = "fp16",
+    m: int = 64,
+    d: int = 384,
+    seed: int = 0,
+    return_tokens: bool = False,
+    index: bool = True,
+    on_segment: Callable[[int, list[str], np.ndarray, np.ndarray | None], None] | None = None,
+) -> SyntheticStore:
     """Write a complete, committed, indexed store of ``n_images`` random images.
 
     Ids are ``img-<seed>-<number>`` with the numbers shuffled, so id order and

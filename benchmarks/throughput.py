@@ -1,7 +1,8 @@
 """Throughput benchmark: the full indexing job against the model alone, on real JPEG photos.
 
-    python -m edje_indexer.benchmarks.throughput [--preset tiny | --backbone TIMM_NAME --random-weights --random-adapter]
-                                    [-n 512] [--shards 4] [--batch-size 32] [--decode-threads 4]
+    python -m edje_indexer.benchmarks.throughput
+        [--preset tiny | --backbone TIMM_NAME --random-weights --random-adapter]
+        [-n 512] [--shards 4] [--batch-size 32] [--decode-threads 4]
                                     [--device cpu|cuda] [--precision fp32|bf16|fp16] [--compile]
                                     [--quantize fp16|int8] [--torch-threads T] [--dir DIR]
     python -m edje_indexer.benchmarks.throughput --rss-scaling [-n 256] [--shards 4] [--rss-factor 10] ...
@@ -159,8 +160,14 @@ def build_corpus(folder: str, n: int, shards: int, grain: float = 0.0) -> dict:
     """``n`` JPEG photos in ``shards`` tar shards under ``folder`` (reused if built with the same parameters)."""
     from webdataset import TarWriter
 
-    params = {"version": CORPUS_VERSION, "images": n, "shards": len(shard_counts(n, shards)), "grain": grain,
-              "sizes": SIZES, "modes": list(MODES)}
+    params = {
+        "version": CORPUS_VERSION,
+        "images": n,
+        "shards": len(shard_counts(n, shards)),
+        "grain": grain,
+        "sizes": SIZES,
+        "modes": list(MODES),
+    }
     name = f"corpus-n{n}-s{params['shards']}" + (f"-g{grain:g}" if grain else "")
     path = os.path.join(folder, name)
     marker = os.path.join(path, "corpus.json")
@@ -183,9 +190,14 @@ def build_corpus(folder: str, n: int, shards: int, grain: float = 0.0) -> dict:
                 w.write({"__key__": f"img{i:08d}", "jpg": data})
                 total += len(data)
                 i += 1
-    info = {"params": params, "pattern": os.path.join(path, "bench-*.tar"), "counts": counts,
-            "mean_jpeg_kb": round(total / n / 1024, 1), "distinct_images": min(n, len(variants)),
-            "build_s": round(time.perf_counter() - t, 2)}
+    info = {
+        "params": params,
+        "pattern": os.path.join(path, "bench-*.tar"),
+        "counts": counts,
+        "mean_jpeg_kb": round(total / n / 1024, 1),
+        "distinct_images": min(n, len(variants)),
+        "build_s": round(time.perf_counter() - t, 2),
+    }
     with open(os.path.join(tmp, "corpus.json"), "w") as f:
         json.dump(info, f, indent=1)
     shutil.rmtree(path, ignore_errors=True)
@@ -255,9 +267,12 @@ class Meter:
         return False
 
     def result(self, n: int) -> dict:
-        return {"images_per_s": round(n / self.seconds, 2), "seconds": round(self.seconds, 3),
-                "cpu_cores_busy": round(self.cpu / self.seconds, 2),
-                "other_processes_cores_busy": None if self.others is None else round(self.others / self.seconds, 2)}
+        return {
+            "images_per_s": round(n / self.seconds, 2),
+            "seconds": round(self.seconds, 3),
+            "cpu_cores_busy": round(self.cpu / self.seconds, 2),
+            "other_processes_cores_busy": None if self.others is None else round(self.others / self.seconds, 2),
+        }
 
 
 class ThreadCpuSampler:
@@ -344,9 +359,17 @@ class StackSampler:
     Idle threads (waiting in threading/queue/selectors/grpc internals) are not counted.
     """
 
-    IDLE = ("threading.py:wait", "threading.py:_wait_for_tstate_lock", "queue.py:get", "selectors.py:select",
-            "thread.py:_worker", "_channel.py:", "_server.py:", "threading.py:_bootstrap_inner",
-            "threading.py:run")  # a Thread.run blocked in C: Beam's state sampler
+    IDLE = (
+        "threading.py:wait",
+        "threading.py:_wait_for_tstate_lock",
+        "queue.py:get",
+        "selectors.py:select",
+        "thread.py:_worker",
+        "_channel.py:",
+        "_server.py:",
+        "threading.py:_bootstrap_inner",
+        "threading.py:run",
+    )  # a Thread.run blocked in C: Beam's state sampler
     PROJECT = (os.sep + "transforms" + os.sep, os.sep + "pipeline" + os.sep, os.sep + "schemas" + os.sep)
 
     def __init__(self, interval_s: float = 0.005):
@@ -390,9 +413,12 @@ class StackSampler:
         def best(d):
             return {k: round(v * self.interval_s, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]}
 
-        return {"approx_s_per_entry": self.interval_s, "samples": self.samples,
-                "leaf": {g: best(d) for g, d in self.leaf.items()},
-                "project": {g: best(d) for g, d in self.project.items()}}
+        return {
+            "approx_s_per_entry": self.interval_s,
+            "samples": self.samples,
+            "leaf": {g: best(d) for g, d in self.leaf.items()},
+            "project": {g: best(d) for g, d in self.project.items()},
+        }
 
 
 # --------------------------------------------------------------------------- phases (each may run in a child)
@@ -401,8 +427,13 @@ class StackSampler:
 def _spec(p: dict):
     from edje_indexer.pipeline.presets import resolve_spec
 
-    kw = dict(weights=p["weights"], adapter=p["adapter"], random_weights=p["random_weights"],
-              random_adapter=p["random_adapter"], jpeg_draft=p["jpeg_draft"])
+    kw = dict(
+        weights=p["weights"],
+        adapter=p["adapter"],
+        random_weights=p["random_weights"],
+        random_adapter=p["random_adapter"],
+        jpeg_draft=p["jpeg_draft"],
+    )
     if p.get("decoder") and "decoder" in inspect.signature(resolve_spec).parameters:
         kw["decoder"] = p["decoder"]
     return resolve_spec(p["preset"], p["backbone"], **kw)
@@ -411,8 +442,13 @@ def _spec(p: dict):
 def _settings(p: dict):
     from edje_indexer.transforms.indexer import IndexSettings
 
-    return IndexSettings(batch_size=p["batch_size"], decode_threads=p["decode_threads"], device=p["device"],
-                         precision=p["precision"], compile=p["compile"])
+    return IndexSettings(
+        batch_size=p["batch_size"],
+        decode_threads=p["decode_threads"],
+        device=p["device"],
+        precision=p["precision"],
+        compile=p["compile"],
+    )
 
 
 def _encoder(p: dict, spec):
@@ -486,7 +522,7 @@ def phase_limit(p: dict) -> dict:
                 decode_s += time.perf_counter() - t
         shards.append(images)
     n = sum(len(s) for s in shards)
-    batches = [np.stack(s[i:i + p["batch_size"]]) for s in shards for i in range(0, len(s), p["batch_size"])]
+    batches = [np.stack(s[i : i + p["batch_size"]]) for s in shards for i in range(0, len(s), p["batch_size"])]
     del shards
     warm_s = _warm_up(encoder, _batch_shapes(p["counts"], p["batch_size"]), pp.size, p["warmup"], batches[0])
     runs = []
@@ -506,8 +542,13 @@ def phase_limit(p: dict) -> dict:
         "peak_rss_mb": _status_mb("VmHWM"),
         "ru_maxrss_mb": _ru_maxrss_mb(),
         "decoded_bytes_mb": round(sum(b.nbytes for b in batches) / 2**20, 1),
-        "decode": {"images_per_s_per_thread": round(n / decode_s, 2), "ms_per_image": round(1000 * decode_s / n, 3),
-                   "input_size": list(pp.size), "resize": pp.resize, "jpeg_draft": spec.jpeg_draft},
+        "decode": {
+            "images_per_s_per_thread": round(n / decode_s, 2),
+            "ms_per_image": round(1000 * decode_s / n, 3),
+            "input_size": list(pp.size),
+            "resize": pp.resize,
+            "jpeg_draft": spec.jpeg_draft,
+        },
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -539,11 +580,13 @@ def _one_job(p: dict, spec, store: str) -> dict:
         # Summed over shards (FnApiRunner runs them one after another in one worker thread):
         # encode = inside TokenEncoder; waiting = the shard loop not encoding (decode not ready, tar reading,
         # batching); write = segment + rejected files; outside_shards = Beam, planning, lock, finalize.
-        "time_s": {"encode": round(sums["encode"], 3),
-                   "waiting_for_decode_and_read": round(sums["read_decode_encode"] - sums["encode"], 3),
-                   "write": round(sums["write"], 3),
-                   "shards_total": round(sums["total"], 3),
-                   "outside_shards": round(wall - sums["total"], 3)},
+        "time_s": {
+            "encode": round(sums["encode"], 3),
+            "waiting_for_decode_and_read": round(sums["read_decode_encode"] - sums["encode"], 3),
+            "write": round(sums["write"], 3),
+            "shards_total": round(sums["total"], 3),
+            "outside_shards": round(wall - sums["total"], 3),
+        },
         "encode_images_per_s_in_job": round(n / sums["encode"], 2) if sums["encode"] else None,
         **out,
         "cpu_s_by_thread": by_thread,
@@ -608,38 +651,70 @@ def _environment(p: dict) -> dict:
         name = platform.processor() or platform.machine()
         try:
             with open("/proc/cpuinfo") as f:
-                name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
         except OSError:
             pass
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    return {"device": p["device"], "torch_device_name": name, "cpu_count": os.cpu_count(), "cpus_usable": affinity,
-            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            # Threading settings that change CPU results (OpenMP threads spin between parallel regions by default).
-            "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ}}
+    return {
+        "device": p["device"],
+        "torch_device_name": name,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        # Threading settings that change CPU results (OpenMP threads spin between parallel regions by default).
+        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
+    }
 
 
 def _model_info(p: dict) -> dict:
     spec = _spec(p)
-    return {"preset": p["preset"], "backbone": spec.backbone, "random_weights": spec.random_weights,
-            "random_adapter": spec.random_adapter, "tokens": [spec.num_queries, spec.out_dim]}
+    return {
+        "preset": p["preset"],
+        "backbone": spec.backbone,
+        "random_weights": spec.random_weights,
+        "random_adapter": spec.random_adapter,
+        "tokens": [spec.num_queries, spec.out_dim],
+    }
 
 
 def _params(args, corpus: dict, work: str, decode_threads: int) -> dict:
-    return {"preset": args.preset, "backbone": args.backbone, "weights": args.weights, "adapter": args.adapter,
-            "random_weights": args.random_weights, "random_adapter": args.random_adapter, "decoder": args.decoder, "jpeg_draft": args.jpeg_draft,
-            "device": args.device, "precision": args.precision, "compile": args.compile, "quantize": args.quantize,
-            "batch_size": args.batch_size, "decode_threads": decode_threads, "torch_threads": args.torch_threads,
-            "warmup": args.warmup, "repeats": max(1, args.repeats), "pattern": corpus["pattern"], "counts": corpus["counts"],
-            "store": os.path.join(work, f"store-{uuid.uuid4().hex[:10]}"), "keep_store": args.keep_store,
-            "sample_stacks": args.sample_stacks}
+    return {
+        "preset": args.preset,
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "adapter": args.adapter,
+        "random_weights": args.random_weights,
+        "random_adapter": args.random_adapter,
+        "decoder": args.decoder,
+        "jpeg_draft": args.jpeg_draft,
+        "device": args.device,
+        "precision": args.precision,
+        "compile": args.compile,
+        "quantize": args.quantize,
+        "batch_size": args.batch_size,
+        "decode_threads": decode_threads,
+        "torch_threads": args.torch_threads,
+        "warmup": args.warmup,
+        "repeats": max(1, args.repeats),
+        "pattern": corpus["pattern"],
+        "counts": corpus["counts"],
+        "store": os.path.join(work, f"store-{uuid.uuid4().hex[:10]}"),
+        "keep_store": args.keep_store,
+        "sample_stacks": args.sample_stacks,
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m edje_indexer.benchmarks.throughput", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m edje_indexer.benchmarks.throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", help="named model configuration (default: tiny unless --backbone is given)")
     ap.add_argument("--backbone", help="a bare timm ViT (its own timm preprocessing), e.g. vit_small_patch16_224")
     ap.add_argument("--weights", help="backbone weights file")
@@ -647,8 +722,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--random-adapter", action="store_true")
     ap.add_argument("--decoder", help="pillow (the default) or torchvision (nvJPEG on a GPU), as edje-index index")
-    ap.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
-                    help="decode JPEGs at full size (as edje-index index --no-jpeg-draft)")
+    ap.add_argument(
+        "--no-jpeg-draft",
+        dest="jpeg_draft",
+        action="store_false",
+        help="decode JPEGs at full size (as edje-index index --no-jpeg-draft)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--compile", action="store_true")
@@ -657,22 +736,40 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--decode-threads", default="4", help="an int, or a comma list to sweep (e.g. 1,2,4)")
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="torch.set_num_threads for the job phase (default 0: torch's own choice); the limit "
-                         "always runs with torch's default, the machine's best for the model alone")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="time each phase this many times in its process and keep the best (noisy machines)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads for the job phase (default 0: torch's own choice); the limit "
+        "always runs with torch's default, the machine's best for the model alone",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time each phase this many times in its process and keep the best (noisy machines)",
+    )
     ap.add_argument("--warmup", type=int, default=2, help="warm-up calls per batch shape before timing")
-    ap.add_argument("--grain", type=float, default=0.0,
-                    help="add gaussian noise (sigma, 0-255 scale) to the photos before JPEG encoding (more "
-                         "realistic entropy: upscaled sample photos are smoother than camera photos)")
+    ap.add_argument(
+        "--grain",
+        type=float,
+        default=0.0,
+        help="add gaussian noise (sigma, 0-255 scale) to the photos before JPEG encoding (more "
+        "realistic entropy: upscaled sample photos are smoother than camera photos)",
+    )
     ap.add_argument("--dir", help="work folder: corpus cache and stores (default: a temporary one, removed)")
     ap.add_argument("--keep-store", action="store_true", help="do not remove the job's store")
-    ap.add_argument("--sample-stacks", action="store_true",
-                    help="sample the job's Python stacks (a small profiler: where the worker and decode threads are)")
+    ap.add_argument(
+        "--sample-stacks",
+        action="store_true",
+        help="sample the job's Python stacks (a small profiler: where the worker and decode threads are)",
+    )
     ap.add_argument("--in-process", action="store_true", help="run the phases in this process (no spawn)")
-    ap.add_argument("--rss-scaling", action="store_true",
-                    help="memory check: job phase on N images and on --rss-factor x N (more shards of the same size)")
+    ap.add_argument(
+        "--rss-scaling",
+        action="store_true",
+        help="memory check: job phase on N images and on --rss-factor x N (more shards of the same size)",
+    )
     ap.add_argument("--rss-factor", type=int, default=10)
     return ap
 
@@ -723,10 +820,17 @@ def _throughput(args, work: str, threads: list[int]) -> dict:
         "goal_ratio_at_least": GOAL_RATIO,
         "run_job_wall_s": best["run_job_wall_s"],
         "job_seconds": best["job_seconds"],
-        "peak_rss_mb": {"job_phase": best["peak_rss_mb"], "job_only": best["job_only_peak_rss_mb"],
-                        "limit_phase": limit["peak_rss_mb"], "this_process": _status_mb("VmHWM")},
-        "ru_maxrss_mb": {"job_phase": best["ru_maxrss_mb"], "limit_phase": limit["ru_maxrss_mb"],
-                         "this_process": _ru_maxrss_mb()},
+        "peak_rss_mb": {
+            "job_phase": best["peak_rss_mb"],
+            "job_only": best["job_only_peak_rss_mb"],
+            "limit_phase": limit["peak_rss_mb"],
+            "this_process": _status_mb("VmHWM"),
+        },
+        "ru_maxrss_mb": {
+            "job_phase": best["ru_maxrss_mb"],
+            "limit_phase": limit["ru_maxrss_mb"],
+            "this_process": _ru_maxrss_mb(),
+        },
         **_environment(p0),
         "model": _model_info(p0),
         "precision": args.precision or ("bf16" if args.device.startswith("cuda") else "fp32"),
@@ -741,21 +845,31 @@ def _throughput(args, work: str, threads: list[int]) -> dict:
         "job": best,
         # If host CPU is the only resource (CPU device): model seconds + decode seconds spread over all cores.
         "ratio_if_cpu_bound": round(per_img_model / (per_img_model + per_img_decode / usable), 3)
-        if not args.device.startswith("cuda") else None,
+        if not args.device.startswith("cuda")
+        else None,
         # On a GPU: the host can decode at most this many images/s with the decode threads given.
         "decode_bound_images_per_s": round(min(best["decode_threads"], usable) / per_img_decode, 1),
     }
     noise = max([limit["other_processes_cores_busy"] or 0.0] + [j["other_processes_cores_busy"] or 0.0 for j in jobs])
     if noise > 0.1:
-        out["warning"] = (f"other processes kept up to {noise:.2f} CPU cores busy during a timed phase: the numbers "
-                          f"are not this machine's best (use --repeats, or a quiet machine)")
+        out["warning"] = (
+            f"other processes kept up to {noise:.2f} CPU cores busy during a timed phase: the numbers "
+            f"are not this machine's best (use --repeats, or a quiet machine)"
+        )
     if len(jobs) > 1:
         out["decode_threads_sweep"] = [
-            {"decode_threads": j["decode_threads"], "job_images_per_s": j["images_per_s"],
-             "ratio": round(j["images_per_s"] / limit["images_per_s"], 3), "cpu_cores_busy": j["cpu_cores_busy"],
-             "other_processes_cores_busy": j["other_processes_cores_busy"],
-             "time_s": j["time_s"], "cpu_s_by_thread": j["cpu_s_by_thread"],
-             **({"stack_profile": j["stack_profile"]} if "stack_profile" in j else {})} for j in jobs]
+            {
+                "decode_threads": j["decode_threads"],
+                "job_images_per_s": j["images_per_s"],
+                "ratio": round(j["images_per_s"] / limit["images_per_s"], 3),
+                "cpu_cores_busy": j["cpu_cores_busy"],
+                "other_processes_cores_busy": j["other_processes_cores_busy"],
+                "time_s": j["time_s"],
+                "cpu_s_by_thread": j["cpu_s_by_thread"],
+                **({"stack_profile": j["stack_profile"]} if "stack_profile" in j else {}),
+            }
+            for j in jobs
+        ]
     return out
 
 
@@ -764,25 +878,37 @@ def _rss_scaling(args, work: str, decode_threads: int) -> dict:
     for label, factor in (("small", 1), ("large", args.rss_factor)):
         corpus = build_corpus(work, args.images * factor, args.shards * factor, args.grain)
         job = _run(phase_job, _params(args, corpus, work, decode_threads), False)
-        runs[label] = {"images": job["images"], "shards": job["shards"],
-                       "images_per_shard": max(corpus["counts"]), "peak_rss_mb": job["peak_rss_mb"],
-                       "job_only_peak_rss_mb": job["job_only_peak_rss_mb"], "rss_before_job_mb": job["rss_before_job_mb"],
-                       "ru_maxrss_mb": job["ru_maxrss_mb"], "images_per_s": job["images_per_s"]}
-    s, l = runs["small"], runs["large"]
-    ratio = l["peak_rss_mb"] / s["peak_rss_mb"] if s["peak_rss_mb"] else None
-    job_only = (l["job_only_peak_rss_mb"] / s["job_only_peak_rss_mb"]
-                if s["job_only_peak_rss_mb"] and l["job_only_peak_rss_mb"] else None)
+        runs[label] = {
+            "images": job["images"],
+            "shards": job["shards"],
+            "images_per_shard": max(corpus["counts"]),
+            "peak_rss_mb": job["peak_rss_mb"],
+            "job_only_peak_rss_mb": job["job_only_peak_rss_mb"],
+            "rss_before_job_mb": job["rss_before_job_mb"],
+            "ru_maxrss_mb": job["ru_maxrss_mb"],
+            "images_per_s": job["images_per_s"],
+        }
+    s, big = runs["small"], runs["large"]
+    ratio = big["peak_rss_mb"] / s["peak_rss_mb"] if s["peak_rss_mb"] else None
+    job_only = (
+        big["job_only_peak_rss_mb"] / s["job_only_peak_rss_mb"]
+        if s["job_only_peak_rss_mb"] and big["job_only_peak_rss_mb"]
+        else None
+    )
     p0 = _params(args, {"pattern": "", "counts": []}, work, decode_threads)
     return {
         "benchmark": "rss_scaling",
         "factor": args.rss_factor,
         "small": s,
-        "large": l,
+        "large": big,
         "peak_rss_ratio": round(ratio, 3) if ratio else None,
         "job_only_peak_rss_ratio": round(job_only, 3) if job_only else None,
-        "job_growth_mb": {"small": round(s["job_only_peak_rss_mb"] - s["rss_before_job_mb"], 1),
-                          "large": round(l["job_only_peak_rss_mb"] - l["rss_before_job_mb"], 1)}
-        if s["job_only_peak_rss_mb"] and l["job_only_peak_rss_mb"] else None,
+        "job_growth_mb": {
+            "small": round(s["job_only_peak_rss_mb"] - s["rss_before_job_mb"], 1),
+            "large": round(big["job_only_peak_rss_mb"] - big["rss_before_job_mb"], 1),
+        }
+        if s["job_only_peak_rss_mb"] and big["job_only_peak_rss_mb"]
+        else None,
         "goal_ratio_at_most": GOAL_RSS_RATIO,
         "within_goal": bool(ratio and ratio <= GOAL_RSS_RATIO),
         **_environment(p0),

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edje-index", description="Index WebDataset image shards into EDJE token stores.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -16,8 +17,14 @@ def _parser() -> argparse.ArgumentParser:
 
     from edje_indexer.pipeline.options import EPILOG, add_index_arguments  # light: Beam's options module only
 
-    add_index_arguments(sub.add_parser("index", help="index a corpus into a store (incremental)", epilog=EPILOG,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_index_arguments(
+        sub.add_parser(
+            "index",
+            help="index a corpus into a store (incremental)",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
 
     ins = sub.add_parser("inspect", help="summarize a store")
     ins.add_argument("store")
@@ -41,8 +48,12 @@ def _parser() -> argparse.ArgumentParser:
 
     from edje_indexer.rerank.cli import add_arguments as rerank_arguments  # light: no torch/transformers import
 
-    rerank_arguments(sub.add_parser("rerank", help="re-sort candidate images for a text query with the EDJE joint "
-                                                   "encoder (needs the [rerank] extra)"))
+    rerank_arguments(
+        sub.add_parser(
+            "rerank",
+            help="re-sort candidate images for a text query with the EDJE joint encoder (needs the [rerank] extra)",
+        )
+    )
 
     d = sub.add_parser("demo-corpus", help="write the built-in demo corpus (packaged sample photos)")
     d.add_argument("out")
@@ -64,15 +75,24 @@ def _cmd_index(index_argv: list[str]) -> int:
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        print(f"shards: {out['shards_matched']} matched, {out['shards_processed']} processed "
-              f"({out['shards_changed']} changed), {out['shards_skipped']} already committed, "
-              f"{len(out['shards_failed'])} failed")
-        print(f"images: {out['images_indexed']} indexed, {out['images_rejected']} rejected"
-              + (": " + ", ".join(f"{k}={v}" for k, v in out["rejected_by_reason"].items())
-                 if out["rejected_by_reason"] else ""))
+        print(
+            f"shards: {out['shards_matched']} matched, {out['shards_processed']} processed "
+            f"({out['shards_changed']} changed), {out['shards_skipped']} already committed, "
+            f"{len(out['shards_failed'])} failed"
+        )
+        print(
+            f"images: {out['images_indexed']} indexed, {out['images_rejected']} rejected"
+            + (
+                ": " + ", ".join(f"{k}={v}" for k, v in out["rejected_by_reason"].items())
+                if out["rejected_by_reason"]
+                else ""
+            )
+        )
         print(f"speed:  {out['images_per_s']} images/s over {out['seconds']} s")
-        print(f"store:  {out['store_images']} images, {out['bytes_per_image']} bytes/image, "
-              f"{out['store_duplicate_ids']} duplicate ids")
+        print(
+            f"store:  {out['store_images']} images, {out['bytes_per_image']} bytes/image, "
+            f"{out['store_duplicate_ids']} duplicate ids"
+        )
         for f in out["shards_failed"]:
             print(f"FAILED shard {f['shard']}: {f['error']}", file=sys.stderr)
         for s in out["shards_incomplete"]:
@@ -81,8 +101,7 @@ def _cmd_index(index_argv: list[str]) -> int:
         print("error: no shard could be indexed", file=sys.stderr)
         return 2
     if result.not_finished:
-        print(f"error: {len(result.not_finished)} shard(s) did not finish; run the same command again",
-              file=sys.stderr)
+        print(f"error: {len(result.not_finished)} shard(s) did not finish; run the same command again", file=sys.stderr)
         return 1
     return 0
 
@@ -90,9 +109,9 @@ def _cmd_index(index_argv: list[str]) -> int:
 def _cmd_verify(args) -> int:
     from edje_indexer.pipeline.lock import StoreLock
     from edje_indexer.pipeline.maintenance import remove_uncommitted
-    from edje_indexer.schemas.index import retired_paths
     from edje_indexer.pipeline.verify import verify
     from edje_indexer.schemas import Location, read_commits
+    from edje_indexer.schemas.index import retired_paths
 
     removed = []
     if args.repair:
@@ -110,8 +129,10 @@ def _cmd_verify(args) -> int:
             print(f"PROBLEM {p}")
         for w in report["warnings"]:
             print(f"warning {w}")
-        print(f"{'ok' if report['ok'] else 'DAMAGED'}: {report['segments']} segment(s) checked"
-              f"{' (deep)' if args.deep else ''}")
+        print(
+            f"{'ok' if report['ok'] else 'DAMAGED'}: {report['segments']} segment(s) checked"
+            f"{' (deep)' if args.deep else ''}"
+        )
     return 0 if report["ok"] else 1
 
 
@@ -142,14 +163,16 @@ def _cmd_remove(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = _parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("edje_indexer").setLevel(logging.INFO)  # progress lines; Beam's own chatter stays at WARNING
     if args.command != "index" and rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "index":
-            return _cmd_index(argv[argv.index("index") + 1:])
+            return _cmd_index(argv[argv.index("index") + 1 :])
         if args.command == "inspect":
             from edje_indexer.pipeline.summary import format_summary, summarize
 

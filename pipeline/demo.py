@@ -15,8 +15,19 @@ import os
 from PIL import Image
 
 SOURCES = {
-    "skimage": ("data", ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
-                         "retina.jpg", "motorcycle_left.png", "camera.png"]),
+    "skimage": (
+        "data",
+        [
+            "astronaut.png",
+            "chelsea.png",
+            "coffee.png",
+            "rocket.jpg",
+            "hubble_deep_field.jpg",
+            "retina.jpg",
+            "motorcycle_left.png",
+            "camera.png",
+        ],
+    ),
     "sklearn": ("datasets/images", ["china.jpg", "flower.jpg"]),
 }
 VARIANTS = [(640, "jpg"), (320, "png"), (1024, "webp")]  # (width, format)
@@ -30,8 +41,11 @@ def packaged_photos() -> list[tuple[str, str]]:
         if spec is None or not spec.submodule_search_locations:
             continue
         folder = os.path.join(list(spec.submodule_search_locations)[0], sub)
-        out += [(f"{pkg}-{n.rsplit('.', 1)[0]}", os.path.join(folder, n)) for n in names
-                if os.path.exists(os.path.join(folder, n))]
+        out += [
+            (f"{pkg}-{n.rsplit('.', 1)[0]}", os.path.join(folder, n))
+            for n in names
+            if os.path.exists(os.path.join(folder, n))
+        ]
     if not out:
         raise FileNotFoundError("no packaged sample photos found: pip install scikit-image scikit-learn")
     return out
@@ -61,9 +75,15 @@ def build_demo_corpus(out_dir: str, shards: int = 3) -> list[str]:
                 h = max(1, round(src.height * width / src.width))
                 im = src.resize((width, h), Image.Resampling.LANCZOS)
                 key = f"{name}-w{width}"
-                samples.append({"__key__": key, fmt: encode(im, fmt),
-                                "json": json.dumps({"source": os.path.basename(path), "width": width,
-                                                    "height": h, "format": fmt}).encode()})
+                samples.append(
+                    {
+                        "__key__": key,
+                        fmt: encode(im, fmt),
+                        "json": json.dumps(
+                            {"source": os.path.basename(path), "width": width, "height": h, "format": fmt}
+                        ).encode(),
+                    }
+                )
     paths = []
     for s in range(shards):
         path = os.path.join(out_dir, f"demo-{s:06d}.tar")

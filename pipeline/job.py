@@ -131,8 +131,12 @@ def run_job(cfg: JobConfig) -> JobResult:
     with StoreLock(loc).acquire(wait_s=cfg.lock_wait_s) as lock:
         metadata = create_or_check(loc, metadata)
         the_plan = plan(urls, read_commits(loc), force=cfg.force)
-        log.info("plan: %d to index (%d changed), %d already committed", len(the_plan.todo), len(the_plan.changed),
-                 len(the_plan.skipped))
+        log.info(
+            "plan: %d to index (%d changed), %d already committed",
+            len(the_plan.todo),
+            len(the_plan.changed),
+            len(the_plan.skipped),
+        )
         t0 = time.perf_counter()
         if the_plan.todo:
             todo = {t.segment: t for t in the_plan.todo}
@@ -147,8 +151,13 @@ def run_job(cfg: JobConfig) -> JobResult:
         lock.check()  # the store-level writes below need the lock still ours
         commits = read_commits(loc)
         index = load_index(loc, commits)
-        retired = retire([t.replaces for t in the_plan.todo
-                          if t.replaces and t.segment in commits and commits[t.segment].data_path == t.data_path])
+        retired = retire(
+            [
+                t.replaces
+                for t in the_plan.todo
+                if t.replaces and t.segment in commits and commits[t.segment].data_path == t.data_path
+            ]
+        )
         if not index.published or retired:
             index = write_index(loc, index, retired)
         removed = remove_uncommitted(loc, commits, keep=retired)
@@ -163,5 +172,6 @@ def run_job(cfg: JobConfig) -> JobResult:
             failed.append(failure)
         else:
             not_finished.append(t.url)
-    return JobResult(len(urls), the_plan, committed, failed, not_finished, seconds, index.table.num_rows,
-                     index.duplicates.num_rows)
+    return JobResult(
+        len(urls), the_plan, committed, failed, not_finished, seconds, index.table.num_rows, index.duplicates.num_rows
+    )

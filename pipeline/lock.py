@@ -78,7 +78,7 @@ class StoreLock:
         self.loc.fs.pipe_file(path, self._payload())
         return True
 
-    def acquire(self, wait_s: float = 0.0) -> "StoreLock":
+    def acquire(self, wait_s: float = 0.0) -> StoreLock:
         deadline = time.monotonic() + wait_s
         while True:
             if self._try_create():
@@ -96,7 +96,8 @@ class StoreLock:
                 holder = f"{other.get('host')} pid {other.get('pid')}" if other else "another job"
                 raise StoreLocked(
                     f"store {self.loc.url} is being written by {holder}; wait for it to finish or pass "
-                    f"--lock-wait SECONDS (if that job is dead, its lock goes stale after {self.stale_after_s:.0f}s)")
+                    f"--lock-wait SECONDS (if that job is dead, its lock goes stale after {self.stale_after_s:.0f}s)"
+                )
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         self._thread = threading.Thread(target=self._beat, daemon=True, name="store-lock-heartbeat")
         self._thread.start()
@@ -140,14 +141,18 @@ class StoreLock:
     def check(self) -> None:
         """Raise before a store-level write if another job owns the store now."""
         if self.lost():
-            raise StoreLocked(f"lost the lock on {self.loc.url} (this job stalled past {self.stale_after_s:.0f}s "
-                              "and another job took over); run the command again")
+            raise StoreLocked(
+                f"lost the lock on {self.loc.url} (this job stalled past {self.stale_after_s:.0f}s "
+                "and another job took over); run the command again"
+            )
 
     def _beat(self):
         while not self._stop.wait(self.heartbeat_s):
             if self.lost():
-                log.error("the store lock on %s was taken over by another job; this job will stop before "
-                          "its finalize step", self.loc.url)
+                log.error(
+                    "the store lock on %s was taken over by another job; this job will stop before its finalize step",
+                    self.loc.url,
+                )
                 return
             try:
                 self.loc.write_bytes_atomic(self._payload(), layout.LOCK)

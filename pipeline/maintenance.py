@@ -5,7 +5,7 @@ from __future__ import annotations
 import fsspec
 
 from edje_indexer.schemas import layout
-from edje_indexer.schemas.index import load_index, read_commits, retired_paths, write_index
+from edje_indexer.schemas.index import load_index, read_commits, write_index
 from edje_indexer.schemas.records import CommitRecord
 from edje_indexer.schemas.storage import Location
 
@@ -21,13 +21,19 @@ def find_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=()) -
     """Relative paths no commit record refers to (crash leftovers, superseded versions
     past their grace period) and interrupted temp files; ``keep`` is spared."""
     referenced = {c.data_path for c in commits.values()} | set(keep)
-    out = [f"{layout.SEGMENTS}/{n}" for n in loc.list(layout.SEGMENTS)
-           if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in referenced]
+    out = [
+        f"{layout.SEGMENTS}/{n}"
+        for n in loc.list(layout.SEGMENTS)
+        if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in referenced
+    ]
     for folder in _SIDE_FOLDERS:
         out += [f"{folder}/{n}" for n in loc.list(folder) if n.startswith(".tmp-")]
     tables = {"/".join(layout.rejected_path(c.data_path)) for c in commits.values()} | set(keep)
-    out += [f"{layout.REJECTED}/{n}" for n in loc.list(layout.REJECTED)
-            if n.endswith(".parquet") and f"{layout.REJECTED}/{n}" not in tables]
+    out += [
+        f"{layout.REJECTED}/{n}"
+        for n in loc.list(layout.REJECTED)
+        if n.endswith(".parquet") and f"{layout.REJECTED}/{n}" not in tables
+    ]
     return sorted(out)
 
 

@@ -39,17 +39,33 @@ class IndexOptions(PipelineOptions):
         p.add_argument("--quantize", default="fp16", choices=["fp16", "int8"])
         p.add_argument("--id-policy", default="key", help="key (default: WebDataset __key__), shard-key, json:FIELD")
         p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--decode-threads", type=int, default=0,
-                       help="image decoding threads per worker (default 0: one per core, at most 16)")
-        p.add_argument("--decode-timeout", type=float, default=60.0,
-                       help="seconds one image may take to decode before it is rejected (reason 'timeout')")
+        p.add_argument(
+            "--decode-threads",
+            type=int,
+            default=0,
+            help="image decoding threads per worker (default 0: one per core, at most 16)",
+        )
+        p.add_argument(
+            "--decode-timeout",
+            type=float,
+            default=60.0,
+            help="seconds one image may take to decode before it is rejected (reason 'timeout')",
+        )
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; cuda fails if no GPU is used")
         p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
         p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
-        p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
-                       help="decode JPEGs at full size (changes the model identity)")
-        p.add_argument("--decoder", choices=["pillow", "torchvision"], default="pillow",
-                       help="torchvision: JPEGs decoded on the model's device (nvJPEG on GPUs); changes the identity")
+        p.add_argument(
+            "--no-jpeg-draft",
+            dest="jpeg_draft",
+            action="store_false",
+            help="decode JPEGs at full size (changes the model identity)",
+        )
+        p.add_argument(
+            "--decoder",
+            choices=["pillow", "torchvision"],
+            default="pillow",
+            help="torchvision: JPEGs decoded on the model's device (nvJPEG on GPUs); changes the identity",
+        )
         p.add_argument("--force", action="store_true", help="re-index shards even if committed")
         p.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another job's store lock")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -68,8 +84,10 @@ def pipeline_options(argv: list[str]) -> PipelineOptions:
     unknown = sorted(set(opts.get_all_options(retain_unknown_options=True)) - known)
     if unknown:
         flags = " ".join(f"--{u}" for u in unknown)
-        raise ValueError(f"unknown option(s) {flags}: neither an edje-index flag nor a Beam pipeline "
-                         f"option (see 'edje-index index --help')")
+        raise ValueError(
+            f"unknown option(s) {flags}: neither an edje-index flag nor a Beam pipeline "
+            f"option (see 'edje-index index --help')"
+        )
     if not opts.view_as(StandardOptions).runner:
         opts.view_as(StandardOptions).runner = DEFAULT_RUNNER
     return opts
@@ -85,10 +103,25 @@ def job_config(opts: PipelineOptions):
     missing = [f"--{name}" for name in ("input", "store") if not getattr(o, name)]
     if missing:
         raise ValueError(f"edje-index index needs {' and '.join(missing)}")
-    spec = resolve_spec(o.preset, o.backbone, o.weights, o.adapter, o.random_weights, o.random_adapter,
-                        o.jpeg_draft, o.decoder)
-    settings = IndexSettings(batch_size=o.batch_size, decode_threads=o.decode_threads,
-                             decode_timeout_s=o.decode_timeout, device=o.device, precision=o.precision,
-                             compile=o.compile)
-    return JobConfig(input=o.input, store=o.store, spec=spec, quantization=o.quantize, id_policy=o.id_policy,
-                     settings=settings, force=o.force, lock_wait_s=o.lock_wait, beam_options=opts)
+    spec = resolve_spec(
+        o.preset, o.backbone, o.weights, o.adapter, o.random_weights, o.random_adapter, o.jpeg_draft, o.decoder
+    )
+    settings = IndexSettings(
+        batch_size=o.batch_size,
+        decode_threads=o.decode_threads,
+        decode_timeout_s=o.decode_timeout,
+        device=o.device,
+        precision=o.precision,
+        compile=o.compile,
+    )
+    return JobConfig(
+        input=o.input,
+        store=o.store,
+        spec=spec,
+        quantization=o.quantize,
+        id_policy=o.id_policy,
+        settings=settings,
+        force=o.force,
+        lock_wait_s=o.lock_wait,
+        beam_options=opts,
+    )

@@ -13,26 +13,41 @@ PRESETS: dict[str, ModelSpec] = {
     # squash-resize to 384x384, bilinear, mean = std = 0.5 (not timm's default).
     "edje-siglip2-l16-384": ModelSpec(
         backbone="vit_large_patch16_siglip_384.v2_webli",
-        num_queries=64, out_dim=384, mlp_hidden=8192,
-        preprocess=Preprocess(size=(384, 384), resize="squash", interpolation="bilinear",
-                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        num_queries=64,
+        out_dim=384,
+        mlp_hidden=8192,
+        preprocess=Preprocess(
+            size=(384, 384), resize="squash", interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+        ),
     ),
     # Tests and the demo: a 2-block random ViT on 64 px input with the real
     # token shape (64 x 384), seeded so every run and machine builds the same model.
     "tiny": ModelSpec(
         backbone="vit_tiny_patch16_224",
         backbone_kwargs=(("depth", 2), ("img_size", 64)),
-        random_weights=True, random_adapter=True, seed=0,
-        num_queries=64, out_dim=384, mlp_hidden=512,
-        preprocess=Preprocess(size=(64, 64), resize="squash", interpolation="bilinear",
-                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        random_weights=True,
+        random_adapter=True,
+        seed=0,
+        num_queries=64,
+        out_dim=384,
+        mlp_hidden=512,
+        preprocess=Preprocess(
+            size=(64, 64), resize="squash", interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+        ),
     ),
 }
 
 
-def resolve_spec(preset: str | None, backbone: str | None = None, weights: str | None = None,
-                 adapter: str | None = None, random_weights: bool = False, random_adapter: bool = False,
-                 jpeg_draft: bool = True, decoder: str = "pillow") -> ModelSpec:
+def resolve_spec(
+    preset: str | None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    adapter: str | None = None,
+    random_weights: bool = False,
+    random_adapter: bool = False,
+    jpeg_draft: bool = True,
+    decoder: str = "pillow",
+) -> ModelSpec:
     """A preset, with command-line overrides applied, or a bare backbone."""
     if preset is not None:
         if preset not in PRESETS:

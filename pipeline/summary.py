@@ -7,8 +7,8 @@ import collections
 from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.index import load_index, read_commits, retired_paths
-from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.records import FailureRecord
+from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.store import open_metadata
 
 
@@ -31,8 +31,11 @@ def summarize(url: str, check_sources: bool = True) -> dict:
     token_bytes = sum(_data_bytes(loc, c.data_path) for c in commits.values())
     index_bytes = loc.du(layout.INDEX)
     uncommitted = find_uncommitted(loc, commits, keep=retired_paths(loc))
-    failed = [FailureRecord.from_json(loc.read_json(layout.FAILED, n)) for n in loc.list(layout.FAILED)
-              if n.endswith(".json") and not n.startswith(".")]
+    failed = [
+        FailureRecord.from_json(loc.read_json(layout.FAILED, n))
+        for n in loc.list(layout.FAILED)
+        if n.endswith(".json") and not n.startswith(".")
+    ]
     return {
         "store": url,
         "images": images,
@@ -45,8 +48,19 @@ def summarize(url: str, check_sources: bool = True) -> dict:
         "token_encoding": meta.token_encoding,
         "bytes_per_image": round((token_bytes + index_bytes) / images, 1) if images else None,
         "bytes": {"token_data": token_bytes, "index": index_bytes, "store_total": loc.du()},
-        "model": {k: getattr(model, k) for k in ("backbone", "backbone_kwargs", "backbone_sha256", "random_weights",
-                                                 "adapter", "adapter_sha256", "random_adapter", "tokens")},
+        "model": {
+            k: getattr(model, k)
+            for k in (
+                "backbone",
+                "backbone_kwargs",
+                "backbone_sha256",
+                "random_weights",
+                "adapter",
+                "adapter_sha256",
+                "random_adapter",
+                "tokens",
+            )
+        },
         "preprocessing": model.preprocessing,
         "id_policy": meta.id_policy,
         "samples_read": sum(c.samples_read for c in commits.values()),
@@ -82,6 +96,8 @@ def format_summary(s: dict) -> str:
     ]
     for key in ("incomplete_shards", "failed_shards", "missing_shards", "uncommitted_data"):
         if s.get(key):
-            lines.append(f"{key.replace('_', ' '):17s}{len(s[key])}: {', '.join(s[key][:5])}"
-                         + (" ..." if len(s[key]) > 5 else ""))
+            lines.append(
+                f"{key.replace('_', ' '):17s}{len(s[key])}: {', '.join(s[key][:5])}"
+                + (" ..." if len(s[key]) > 5 else "")
+            )
     return "\n".join(lines)

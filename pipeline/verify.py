@@ -10,10 +10,9 @@ import zarr
 
 from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
 from edje_indexer.schemas import layout
-from edje_indexer.schemas.index import load_index, read_commits, retired_paths
-from edje_indexer.schemas.storage import Location
-from edje_indexer.schemas.index import read_pointer
+from edje_indexer.schemas.index import load_index, read_commits, read_pointer, retired_paths
 from edje_indexer.schemas.segment import ids_checksum, token_checksum
+from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.store import open_metadata
 
 
@@ -83,16 +82,26 @@ def verify(url: str, deep: bool = False) -> dict:
                 if (rows >= len(stored)).any() or list(stored[rows]) != list(ids_all[pick]):
                     problems.append(f"the id index disagrees with the ids stored in segment {seg}")
         if index.duplicates.num_rows:
-            warnings.append(f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "
-                            f"(listed in index/{read_pointer(loc).duplicates})")
+            warnings.append(
+                f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "
+                f"(listed in index/{read_pointer(loc).duplicates})"
+            )
     leftovers = find_uncommitted(loc, commits, keep=retired_paths(loc))
     if leftovers:
         problems.append(f"{len(leftovers)} uncommitted leftover(s) (run 'verify --repair'): {', '.join(leftovers[:5])}")
     gone = missing_sources(commits)
     if gone:
-        warnings.append(f"{len(gone)} committed shard(s) no longer exist in the corpus (remove them with "
-                        f"'edje-index remove STORE --missing'): {', '.join(gone[:5])}")
+        warnings.append(
+            f"{len(gone)} committed shard(s) no longer exist in the corpus (remove them with "
+            f"'edje-index remove STORE --missing'): {', '.join(gone[:5])}"
+        )
     if loc.exists(layout.LOCK):
         warnings.append("a job holds (or held) the store lock; results may change while it runs")
-    return {"store": url, "segments": len(commits), "deep": deep, "ok": not problems,
-            "problems": problems, "warnings": warnings}
+    return {
+        "store": url,
+        "segments": len(commits),
+        "deep": deep,
+        "ok": not problems,
+        "problems": problems,
+        "warnings": warnings,
+    }

@@ -21,10 +21,16 @@ from __future__ import annotations
 import importlib
 
 _MODULE_OF = {
-    "EdjeJointEncoder": "joint_encoder", "TextBatch": "joint_encoder", "load_tokenizer": "joint_encoder",
-    "minilm_l12_h384_config": "joint_encoder", "tokenize": "joint_encoder",
-    "CheckpointError": "checkpoint", "LoadReport": "checkpoint", "convert_state_dict": "checkpoint",
-    "load_reranker": "checkpoint", "save_pretrained": "checkpoint",
+    "EdjeJointEncoder": "joint_encoder",
+    "TextBatch": "joint_encoder",
+    "load_tokenizer": "joint_encoder",
+    "minilm_l12_h384_config": "joint_encoder",
+    "tokenize": "joint_encoder",
+    "CheckpointError": "checkpoint",
+    "LoadReport": "checkpoint",
+    "convert_state_dict": "checkpoint",
+    "load_reranker": "checkpoint",
+    "save_pretrained": "checkpoint",
     "Reranker": "reranker",
 }
 _MODEL_NAMES = tuple(sorted(_MODULE_OF))

@@ -47,11 +47,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from torch import nn
+from transformers import BertConfig
 
 # joint_encoder before transformers: without the [rerank] extra, its ImportError says what to install
 from edje_indexer.rerank.joint_encoder import (
@@ -61,7 +62,6 @@ from edje_indexer.rerank.joint_encoder import (
     load_tokenizer,
     minilm_l12_h384_config,
 )
-from transformers import BertConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -97,12 +97,13 @@ def _strip_wrappers(state_dict: Mapping) -> dict:
             return _strip_wrappers(state_dict[key])
     sd = dict(state_dict)
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: EdjeJointEncoder,
-                       allow_missing_head: bool = False) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: EdjeJointEncoder, allow_missing_head: bool = False
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Rename a checkpoint's parameters to this module's names and check every name and shape.
 
     Returns (state dict for ``model.load_state_dict``, report). Raises
@@ -114,12 +115,13 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: EdjeJointE
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     found = [p for p in TEXT_PREFIXES if f"{p}embeddings.word_embeddings.weight" in sd]
     if not found:
-        raise CheckpointError("no BERT text encoder in the checkpoint: looked for "
-                              + ", ".join(f"'{p}embeddings.word_embeddings.weight'" for p in TEXT_PREFIXES)
-                              + f"; its first keys: {sorted(sd)[:6]}")
+        raise CheckpointError(
+            "no BERT text encoder in the checkpoint: looked for "
+            + ", ".join(f"'{p}embeddings.word_embeddings.weight'" for p in TEXT_PREFIXES)
+            + f"; its first keys: {sorted(sd)[:6]}"
+        )
     if len(found) > 1:
-        raise CheckpointError(f"the checkpoint holds more than one BERT text encoder (prefixes {found}); "
-                              "keep one")
+        raise CheckpointError(f"the checkpoint holds more than one BERT text encoder (prefixes {found}); keep one")
     prefix = found[0]
     heads = [h for h in HEAD_PREFIXES if f"{h}weight" in sd or f"{h}bias" in sd]
     if len(heads) > 1:
@@ -130,13 +132,13 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: EdjeJointE
     text_keys = tuple(prefix + part for part in TEXT_PARTS)
     for k, v in sd.items():
         if k.startswith(text_keys):
-            rest = k[len(prefix):]
+            rest = k[len(prefix) :]
             if rest in IGNORED_TEXT_BUFFERS:
                 ignored.append(k)
             else:
                 mapped["bert." + rest] = v
         elif head is not None and k.startswith(head):
-            mapped["itm_head." + k[len(head):]] = v
+            mapped["itm_head." + k[len(head) :]] = v
         elif k.startswith(PROJ_PREFIX) and isinstance(model.image_proj, nn.Linear):
             mapped[k] = v
         else:
@@ -147,9 +149,9 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: EdjeJointE
     origin = {}
     for k in mapped:
         if k.startswith("bert."):
-            origin[k] = prefix + k[len("bert."):]
+            origin[k] = prefix + k[len("bert.") :]
         elif k.startswith("itm_head."):
-            origin[k] = head + k[len("itm_head."):]
+            origin[k] = head + k[len("itm_head.") :]
         else:
             origin[k] = k
     for k, shape in expected.items():
@@ -168,13 +170,17 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: EdjeJointE
         if k not in expected:
             problems.append(f"unexpected {origin[k]} {list(mapped[k].shape)} (does the config match the checkpoint?)")
     if problems:
-        raise CheckpointError(f"checkpoint does not fit the joint encoder ({len(problems)} problem(s)): "
-                              + "; ".join(problems[:12]) + (" ..." if len(problems) > 12 else ""))
+        raise CheckpointError(
+            f"checkpoint does not fit the joint encoder ({len(problems)} problem(s)): "
+            + "; ".join(problems[:12])
+            + (" ..." if len(problems) > 12 else "")
+        )
     return mapped, LoadReport(prefix, head, sorted(ignored))
 
 
-def load_checkpoint(model: EdjeJointEncoder, state_dict: Mapping[str, torch.Tensor],
-                    allow_missing_head: bool = False) -> LoadReport:
+def load_checkpoint(
+    model: EdjeJointEncoder, state_dict: Mapping[str, torch.Tensor], allow_missing_head: bool = False
+) -> LoadReport:
     """Load ``state_dict`` (authors' or Hugging Face names) into ``model``: ``model.load_checkpoint``."""
     mapped, report = convert_state_dict(state_dict, model, allow_missing_head=allow_missing_head)
     missing, unexpected = model.load_state_dict(mapped, strict=False)
@@ -197,8 +203,9 @@ def read_weights(path: str) -> dict:
     except FileNotFoundError:
         raise
     except ValueError as e:  # e.g. a pickle with objects other than tensors and containers, or no dict at all
-        raise CheckpointError(f"{e}; a reranker checkpoint must be a plain state dict: save just the model's "
-                              "state_dict()") from e
+        raise CheckpointError(
+            f"{e}; a reranker checkpoint must be a plain state dict: save just the model's state_dict()"
+        ) from e
 
 
 def _resolve_files(path: str) -> tuple[str, str | None]:
@@ -216,8 +223,10 @@ def _resolve_files(path: str) -> tuple[str, str | None]:
     cands = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".pt", ".pth", ".bin")))
     if len(cands) == 1:
         return os.path.join(path, cands[0]), cfg
-    raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}"
-                            + (f" (or exactly one weights file; found {cands})" if cands else ""))
+    raise FileNotFoundError(
+        f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}"
+        + (f" (or exactly one weights file; found {cands})" if cands else "")
+    )
 
 
 def _infer_config(state_dict: Mapping[str, torch.Tensor], heads: int) -> BertConfig:
@@ -233,10 +242,14 @@ def _infer_config(state_dict: Mapping[str, torch.Tensor], heads: int) -> BertCon
     pos = sd.get(f"{prefix}embeddings.position_embeddings.weight")
     types = sd.get(f"{prefix}embeddings.token_type_embeddings.weight")
     return minilm_l12_h384_config(
-        vocab_size=int(vocab), hidden_size=int(hidden), num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         intermediate_size=int(inter.shape[0]) if inter is not None else 4 * int(hidden),
         max_position_embeddings=int(pos.shape[0]) if pos is not None else 512,
-        type_vocab_size=int(types.shape[0]) if types is not None else 2)
+        type_vocab_size=int(types.shape[0]) if types is not None else 2,
+    )
 
 
 def _portable_config(cfg: dict) -> dict:
@@ -246,9 +259,14 @@ def _portable_config(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_attn_implementation")}
 
 
-def from_pretrained(path: str, config: BertConfig | None = None, token_dim: int | None = None,
-                    allow_missing_head: bool = False, num_attention_heads: int | None = None,
-                    model_cls: type[EdjeJointEncoder] = EdjeJointEncoder) -> EdjeJointEncoder:
+def from_pretrained(
+    path: str,
+    config: BertConfig | None = None,
+    token_dim: int | None = None,
+    allow_missing_head: bool = False,
+    num_attention_heads: int | None = None,
+    model_cls: type[EdjeJointEncoder] = EdjeJointEncoder,
+) -> EdjeJointEncoder:
     """``EdjeJointEncoder.from_pretrained`` (see there): a ``model_cls`` from a folder or a weights file."""
     weights_path, config_path = _resolve_files(path)
     state_dict = read_weights(weights_path)
@@ -262,8 +280,11 @@ def from_pretrained(path: str, config: BertConfig | None = None, token_dim: int 
         config = _infer_config(state_dict, num_attention_heads or 12)
     elif num_attention_heads is not None:
         config.num_attention_heads = num_attention_heads
-    model = model_cls(config, token_dim=token_dim or edje.get("token_dim", TOKEN_DIM),
-                      max_text_tokens=edje.get("max_text_tokens", MAX_TEXT_TOKENS))
+    model = model_cls(
+        config,
+        token_dim=token_dim or edje.get("token_dim", TOKEN_DIM),
+        max_text_tokens=edje.get("max_text_tokens", MAX_TEXT_TOKENS),
+    )
     model.load_report = model.load_checkpoint(state_dict, allow_missing_head=allow_missing_head)
     return model.eval()
 
@@ -278,8 +299,9 @@ def save_pretrained(model: EdjeJointEncoder, path: str, tokenizer=None) -> str:
     cfg["edje"] = {"token_dim": model.token_dim, "max_text_tokens": model.max_text_tokens}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(cfg, f, indent=1, sort_keys=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-          if not k.endswith(IGNORED_TEXT_BUFFERS)}
+    sd = {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.endswith(IGNORED_TEXT_BUFFERS)
+    }
     save_file(sd, os.path.join(path, WEIGHTS_NAME))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

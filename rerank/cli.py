@@ -25,10 +25,14 @@ MODEL_ENV = "EDJE_RERANK_MODEL"
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("store", help="token store folder or fsspec URL")
     p.add_argument("--query", required=True, help="the text to match")
-    p.add_argument("--ids", nargs="+", required=True, metavar="ID",
-                   help="candidate image ids (e.g. a first stage's top-k)")
-    p.add_argument("--model", default=os.environ.get(MODEL_ENV),
-                   help=f"reranker folder: config.json, weights, tokenizer (default: ${MODEL_ENV})")
+    p.add_argument(
+        "--ids", nargs="+", required=True, metavar="ID", help="candidate image ids (e.g. a first stage's top-k)"
+    )
+    p.add_argument(
+        "--model",
+        default=os.environ.get(MODEL_ENV),
+        help=f"reranker folder: config.json, weights, tokenizer (default: ${MODEL_ENV})",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per forward pass")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
@@ -38,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if not args.model:
-        raise ValueError(f"no reranker model: pass --model DIR (config.json, weights, tokenizer files) "
-                         f"or set {MODEL_ENV}")
+        raise ValueError(
+            f"no reranker model: pass --model DIR (config.json, weights, tokenizer files) or set {MODEL_ENV}"
+        )
     try:
         from edje_indexer.rerank import Reranker, load_reranker
     except ImportError as e:
@@ -51,12 +56,21 @@ def run(args: argparse.Namespace) -> int:
 
     store = TokenStore.open(args.store)
     model, tokenizer = load_reranker(args.model)
-    ranked = Reranker(model, tokenizer, store, device=args.device, batch_size=args.batch_size,
-                      precision=args.precision).rerank(args.query, args.ids)
+    ranked = Reranker(
+        model, tokenizer, store, device=args.device, batch_size=args.batch_size, precision=args.precision
+    ).rerank(args.query, args.ids)
     if args.json:
-        print(json.dumps({"query": args.query, "store": args.store, "model": args.model,
-                          "results": [{"rank": r + 1, "id": i, "score": s} for r, (i, s) in enumerate(ranked)]},
-                         indent=1))
+        print(
+            json.dumps(
+                {
+                    "query": args.query,
+                    "store": args.store,
+                    "model": args.model,
+                    "results": [{"rank": r + 1, "id": i, "score": s} for r, (i, s) in enumerate(ranked)],
+                },
+                indent=1,
+            )
+        )
     else:
         for r, (i, s) in enumerate(ranked):
             print(f"{r + 1}\t{s:.6f}\t{i}")
@@ -64,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m edje_indexer.rerank.cli``), same arguments and exit codes as the subcommand."""
-    args = add_arguments(argparse.ArgumentParser(prog="python -m edje_indexer.rerank.cli", description=__doc__.split("\n\n")[0])) \
-        .parse_args(argv)
+    """Stand-alone entry point (``python -m edje_indexer.rerank.cli``): the subcommand's arguments and exit codes."""
+    args = add_arguments(
+        argparse.ArgumentParser(prog="python -m edje_indexer.rerank.cli", description=__doc__.split("\n\n")[0])
+    ).parse_args(argv)
     try:
         return run(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:

@@ -53,8 +53,9 @@ of a token store: rerank/reranker.py.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -74,10 +75,21 @@ TOKEN_DIM = 384  # width of the stored tokens
 
 def minilm_l12_h384_config(**overrides) -> BertConfig:
     """MiniLM-L12-H384 (uncased): the paper's joint encoder, ~33M parameters."""
-    kw = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
-              intermediate_size=1536, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-              max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12,
-              pad_token_id=0)
+    kw = dict(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        initializer_range=0.02,
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     return BertConfig(**kw)
 
@@ -99,7 +111,7 @@ class TextBatch:
     def padded(self) -> bool:
         return bool((self.lengths != self.input_ids.shape[1]).any())
 
-    def select(self, index) -> "TextBatch":
+    def select(self, index) -> TextBatch:
         """Rows ``index`` (an index array or slice), trimmed to their longest text."""
         lengths = self.lengths[index]
         t = int(lengths.max()) if len(lengths) else self.input_ids.shape[1]
@@ -114,8 +126,11 @@ def tokenize(tokenizer, texts: Sequence[str], max_text_tokens: int = MAX_TEXT_TO
     if cls_id is None or sep_id is None:
         raise ValueError("the tokenizer has no [CLS]/[SEP] token: the joint encoder needs a BERT WordPiece tokenizer")
     pad_id = 0 if pad_id is None else pad_id
-    pieces = tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                       max_length=max_text_tokens)["input_ids"] if len(texts) else []
+    pieces = (
+        tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_text_tokens)["input_ids"]
+        if len(texts)
+        else []
+    )
     rows = [[cls_id, *p, sep_id] for p in pieces]
     t = max((len(r) for r in rows), default=2)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
@@ -157,8 +172,9 @@ class EdjeJointEncoder(nn.Module):
         """The most image tokens per pair that the position table leaves room for with a full-length caption."""
         return self.config.max_position_embeddings - (self.max_text_tokens + 2) - 1
 
-    def build_inputs(self, input_ids: torch.Tensor, lengths: torch.Tensor | None,
-                     image_tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def build_inputs(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor | None, image_tokens: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
         """``BertModel`` keyword arguments for a batch of pairs.
 
         ``input_ids`` [B, T]: ``[CLS] caption [SEP]`` right-padded; ``lengths``
@@ -168,8 +184,10 @@ class EdjeJointEncoder(nn.Module):
         (None when nothing is padded), S = T + m + 1.
         """
         if input_ids.dim() != 2 or image_tokens.dim() != 3:
-            raise ValueError(f"input_ids must be [B, T] and image_tokens [B, m, d]; got {tuple(input_ids.shape)} "
-                             f"and {tuple(image_tokens.shape)}")
+            raise ValueError(
+                f"input_ids must be [B, T] and image_tokens [B, m, d]; got {tuple(input_ids.shape)} "
+                f"and {tuple(image_tokens.shape)}"
+            )
         b, t = input_ids.shape
         m, d = image_tokens.shape[1], image_tokens.shape[2]
         if image_tokens.shape[0] != b:
@@ -179,14 +197,16 @@ class EdjeJointEncoder(nn.Module):
         if t < 2:
             raise ValueError("input_ids must hold at least [CLS] and [SEP]")
         if t + m + 1 > self.config.max_position_embeddings:
-            raise ValueError(f"{t} text + {m} image tokens + [SEP] exceed the model's "
-                             f"{self.config.max_position_embeddings} positions")
+            raise ValueError(
+                f"{t} text + {m} image tokens + [SEP] exceed the model's "
+                f"{self.config.max_position_embeddings} positions"
+            )
         device = input_ids.device
         word = self.bert.embeddings.word_embeddings
         text = word(input_ids)  # [B, T, H]
         cols = torch.arange(t, device=device)
         if lengths is None:
-            sep_ids = input_ids[:, t - 1:]
+            sep_ids = input_ids[:, t - 1 :]
             start = torch.full((b, 1), t, dtype=torch.long, device=device)
         else:
             lengths = lengths.to(device=device, dtype=torch.long)
@@ -196,17 +216,25 @@ class EdjeJointEncoder(nn.Module):
         sep = word(sep_ids)  # [B, 1, H]
         img_pos = start + torch.arange(m + 1, device=device)  # images then the closing [SEP]
         position_ids = torch.cat([cols.expand(b, t), img_pos], dim=1)
-        token_type_ids = torch.cat([torch.zeros(b, t, dtype=torch.long, device=device),
-                                    torch.ones(b, m + 1, dtype=torch.long, device=device)], dim=1)
+        token_type_ids = torch.cat(
+            [torch.zeros(b, t, dtype=torch.long, device=device), torch.ones(b, m + 1, dtype=torch.long, device=device)],
+            dim=1,
+        )
         attention_mask = None
         if lengths is not None:
-            attention_mask = torch.cat([(cols < start).long(),
-                                        torch.ones(b, m + 1, dtype=torch.long, device=device)], dim=1)
-        return {"inputs_embeds": torch.cat([text, image, sep], dim=1), "token_type_ids": token_type_ids,
-                "position_ids": position_ids, "attention_mask": attention_mask}
+            attention_mask = torch.cat(
+                [(cols < start).long(), torch.ones(b, m + 1, dtype=torch.long, device=device)], dim=1
+            )
+        return {
+            "inputs_embeds": torch.cat([text, image, sep], dim=1),
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask,
+        }
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None,
-                image_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor | None, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
         """One float32 logit per pair: [B]."""
         out = self.bert(**self.build_inputs(input_ids, lengths, image_tokens))
         return self.itm_head(out.pooler_output).squeeze(-1).float()
@@ -228,9 +256,14 @@ class EdjeJointEncoder(nn.Module):
         return load_checkpoint(self, state_dict, allow_missing_head=allow_missing_head)
 
     @classmethod
-    def from_pretrained(cls, path: str, config: BertConfig | None = None, token_dim: int | None = None,
-                        allow_missing_head: bool = False, num_attention_heads: int | None = None,
-                        ) -> "EdjeJointEncoder":
+    def from_pretrained(
+        cls,
+        path: str,
+        config: BertConfig | None = None,
+        token_dim: int | None = None,
+        allow_missing_head: bool = False,
+        num_attention_heads: int | None = None,
+    ) -> EdjeJointEncoder:
         """A model from a folder (``config.json`` + weights) or a weights file, in eval mode, on the CPU.
 
         Weights: ``model.safetensors``, ``pytorch_model.bin``, ``model.pt(h)``,
@@ -244,5 +277,11 @@ class EdjeJointEncoder(nn.Module):
         """
         from edje_indexer.rerank.checkpoint import from_pretrained
 
-        return from_pretrained(path, config=config, token_dim=token_dim, allow_missing_head=allow_missing_head,
-                               num_attention_heads=num_attention_heads, model_cls=cls)
+        return from_pretrained(
+            path,
+            config=config,
+            token_dim=token_dim,
+            allow_missing_head=allow_missing_head,
+            num_attention_heads=num_attention_heads,
+            model_cls=cls,
+        )

@@ -14,8 +14,8 @@ scored. On CUDA the encoder runs under bf16 autocast.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,17 @@ class Reranker:
     next batch on a helper thread while the current one is scored.
     """
 
-    def __init__(self, model: EdjeJointEncoder, tokenizer, store, device: str | torch.device = "cpu",
-                 batch_size: int = 256, precision: str | None = None, decode_on_device: bool | None = None,
-                 prefetch: bool = True):
+    def __init__(
+        self,
+        model: EdjeJointEncoder,
+        tokenizer,
+        store,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        precision: str | None = None,
+        decode_on_device: bool | None = None,
+        prefetch: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.device = torch.device(device)
@@ -55,8 +63,10 @@ class Reranker:
         if d != model.token_dim:
             raise ValueError(f"the store's tokens are {d} wide; the model reads {model.token_dim}-wide tokens")
         if m > model.max_image_tokens:
-            raise ValueError(f"the store has {m} tokens per image; the model's {model.config.max_position_embeddings} "
-                             f"positions leave room for {model.max_image_tokens} after a full caption")
+            raise ValueError(
+                f"the store has {m} tokens per image; the model's {model.config.max_position_embeddings} "
+                f"positions leave room for {model.max_image_tokens} after a full caption"
+            )
         self.tokens_per_image, self.token_dim = m, d
 
     # reading

@@ -81,9 +81,16 @@ def load_index(loc: Location, commits: dict[str, CommitRecord]) -> IdIndex:
     parts = [rows]
     for s in sorted(fresh):
         ids = segment_ids(loc, current[s])
-        parts.append(pa.table({"id": pa.array(ids, pa.string()),
-                               "segment": pa.array([s] * len(ids), pa.string()),
-                               "row": pa.array(np.arange(len(ids), dtype=np.int32))}, schema=tables.INDEX_SCHEMA))
+        parts.append(
+            pa.table(
+                {
+                    "id": pa.array(ids, pa.string()),
+                    "segment": pa.array([s] * len(ids), pa.string()),
+                    "row": pa.array(np.arange(len(ids), dtype=np.int32)),
+                },
+                schema=tables.INDEX_SCHEMA,
+            )
+        )
     table, dups = _dedupe(pa.concat_tables(parts))
     return IdIndex(table, dups, current, generation)
 
@@ -103,13 +110,16 @@ def _dedupe(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     dup_mask = ~first
     seg = rows["segment"].to_numpy(zero_copy_only=False)
     row = rows["row"].to_numpy()
-    dups = pa.table({
-        "id": pa.array(ids[dup_mask], pa.string()),
-        "segment": pa.array(seg[dup_mask], pa.string()),
-        "row": pa.array(row[dup_mask], pa.int32()),
-        "kept_segment": pa.array(seg[kept_pos[dup_mask]], pa.string()),
-        "kept_row": pa.array(row[kept_pos[dup_mask]], pa.int32()),
-    }, schema=tables.DUPLICATES_SCHEMA)
+    dups = pa.table(
+        {
+            "id": pa.array(ids[dup_mask], pa.string()),
+            "segment": pa.array(seg[dup_mask], pa.string()),
+            "row": pa.array(row[dup_mask], pa.int32()),
+            "kept_segment": pa.array(seg[kept_pos[dup_mask]], pa.string()),
+            "kept_row": pa.array(row[kept_pos[dup_mask]], pa.int32()),
+        },
+        schema=tables.DUPLICATES_SCHEMA,
+    )
     return unique, dups
 
 
@@ -132,9 +142,15 @@ def write_index(loc: Location, index: IdIndex, retired: list[str] = ()) -> IdInd
         buf = io.BytesIO()
         pq.write_table(table, buf)
         loc.write_bytes_atomic(buf.getvalue(), layout.INDEX, names[key])
-    pointer = IndexPointer(generation=gen, ids=names["ids"], duplicates=names["duplicates"], segments=index.covered,
-                           retired=sorted(retired), images=index.table.num_rows,
-                           duplicates_count=index.duplicates.num_rows)
+    pointer = IndexPointer(
+        generation=gen,
+        ids=names["ids"],
+        duplicates=names["duplicates"],
+        segments=index.covered,
+        retired=sorted(retired),
+        images=index.table.num_rows,
+        duplicates_count=index.duplicates.num_rows,
+    )
     loc.write_json_atomic(pointer.to_json(), layout.INDEX, layout.INDEX_POINTER)
     keep = set(names.values()) | ({previous.ids, previous.duplicates} if previous else set())
     for name in loc.list(layout.INDEX):

@@ -60,6 +60,7 @@ IDS = "ids"
 
 INDEX_POINTER = "CURRENT.json"
 
+
 def short_hash(text: str, n: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 

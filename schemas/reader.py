@@ -33,7 +33,7 @@ import itertools
 import mmap
 import os
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +43,8 @@ import zarr
 from edje_indexer.schemas import layout, quantization
 from edje_indexer.schemas.index import load_index, read_commits
 from edje_indexer.schemas.records import CommitRecord, StoreMetadata
-from edje_indexer.schemas.store import open_metadata
 from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.store import open_metadata
 
 SHARD_INDEX_ENTRY = 16  # two little-endian uint64 per inner chunk: offset, nbytes
 SHARD_INDEX_CRC = 4
@@ -79,7 +79,9 @@ def _mmap_rows(path: str, n: int, row_shape: tuple[int, ...], dtype: np.dtype) -
     except (OSError, ValueError):  # e.g. vm.max_map_count reached: zarr still reads it
         return None
     index = np.frombuffer(mm, dtype="<u8", count=2 * n, offset=n * row_bytes).reshape(n, 2)
-    if not (np.array_equal(index[:, 0], np.arange(n, dtype=np.uint64) * row_bytes) and (index[:, 1] == row_bytes).all()):
+    if not (
+        np.array_equal(index[:, 0], np.arange(n, dtype=np.uint64) * row_bytes) and (index[:, 1] == row_bytes).all()
+    ):
         return None
     return np.frombuffer(mm, dtype=dtype.newbyteorder("<"), count=n * int(np.prod(row_shape))).reshape(n, *row_shape)
 
@@ -102,12 +104,13 @@ def _id_keys(column: pa.ChunkedArray | pa.Array, terminated: bool = False) -> np
     for c in chunks:
         off_type = np.int64 if c.type in (pa.large_string(), pa.large_binary()) else np.int32
         _, offsets_buf, data_buf = c.buffers()[:3]
-        offsets = np.frombuffer(offsets_buf, dtype=off_type, count=len(c) + 1,
-                                offset=c.offset * np.dtype(off_type).itemsize)
+        offsets = np.frombuffer(
+            offsets_buf, dtype=off_type, count=len(c) + 1, offset=c.offset * np.dtype(off_type).itemsize
+        )
         data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
         lengths = np.diff(offsets)
         block = np.zeros((len(c), width), np.uint8)
-        block[np.arange(width) < lengths[:, None]] = data[offsets[0]:offsets[-1]]  # row-major: id after id
+        block[np.arange(width) < lengths[:, None]] = data[offsets[0] : offsets[-1]]  # row-major: id after id
         parts.append(block.view(f"S{width}").ravel())
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -192,14 +195,16 @@ class TokenStore:
             keys, seg_of, row_of = keys[order], seg_of[order], row_of[order]
         self._keys, self._seg_of, self._row_of = keys, seg_of, row_of
         # per array name, per segment number: a memory-mapped ndarray, a zarr.Array, or None (not opened yet)
-        self._arrays: dict[str, list] = {layout.TOKENS: [None] * len(self._seg_names),
-                                         layout.SCALES: [None] * len(self._seg_names)}
+        self._arrays: dict[str, list] = {
+            layout.TOKENS: [None] * len(self._seg_names),
+            layout.SCALES: [None] * len(self._seg_names),
+        }
         self._lock = threading.Lock()
         self._local = threading.local()
         self._torch = _torch()
 
     @classmethod
-    def open(cls, url: str) -> "TokenStore":
+    def open(cls, url: str) -> TokenStore:
         loc = Location(url)
         meta = open_metadata(loc)
         commits = read_commits(loc)
@@ -326,8 +331,9 @@ class TokenStore:
             buf = buffers[name] = np.empty(max(int(np.prod(shape)), 1), dtype)
         return buf[: int(np.prod(shape))].reshape(shape)
 
-    def _read_raw(self, segs: np.ndarray, rows: np.ndarray, values: np.ndarray | None,
-                  scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _read_raw(
+        self, segs: np.ndarray, rows: np.ndarray, values: np.ndarray | None, scales: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Stored values (and scales) of located ids into the given arrays, or into per-thread scratch."""
         k = len(rows)
         m, d = self.tokens_per_image, self.token_dim
@@ -358,10 +364,13 @@ class TokenStore:
         ids = _as_sequence(ids)
         dtype = np.dtype(dtype)
         shape = (len(ids), self.tokens_per_image, self.token_dim)
-        if out is not None and (out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous
-                                or not out.flags.writeable):
-            raise ValueError(f"out must be a C-contiguous writable {dtype} array of shape {shape}; "
-                             f"got {'read-only ' if not out.flags.writeable else ''}{out.dtype} {out.shape}")
+        if out is not None and (
+            out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable
+        ):
+            raise ValueError(
+                f"out must be a C-contiguous writable {dtype} array of shape {shape}; "
+                f"got {'read-only ' if not out.flags.writeable else ''}{out.dtype} {out.shape}"
+            )
         segs, rows = self._locate(ids)
         if out is None:
             out = np.empty(shape, dtype)
@@ -389,8 +398,12 @@ class TokenStore:
         and this memory-bound copy gains little from more cores anyway.
         """
         torch = self._torch
-        if torch is None or out.dtype not in (np.float32, np.float16) or out.size == 0 or (
-                scales is not None and out.dtype != np.float32):
+        if (
+            torch is None
+            or out.dtype not in (np.float32, np.float16)
+            or out.size == 0
+            or (scales is not None and out.dtype != np.float32)
+        ):
             if scales is None:
                 np.copyto(out, values, casting="unsafe")
             elif out.dtype == np.float32:

@@ -39,7 +39,8 @@ def check_schema_version(d: dict, what: str) -> int:
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{what} has schema version {version}, newer than this edje-indexer understands ({SCHEMA_VERSION}); "
-            f"upgrade edje-indexer to read it")
+            f"upgrade edje-indexer to read it"
+        )
     return version
 
 
@@ -87,7 +88,7 @@ class ModelIdentity(_Record):
     token_dim: int
 
     @classmethod
-    def from_json(cls, d: dict) -> "ModelIdentity":
+    def from_json(cls, d: dict) -> ModelIdentity:
         return cls(**_fields_of(cls, d))  # versioned by the metadata that holds it
 
 
@@ -111,7 +112,7 @@ class StoreMetadata(_Record):
         return {**dataclasses.asdict(self), "model": self.model.to_json()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "StoreMetadata":
+    def from_json(cls, d: dict) -> StoreMetadata:
         if not isinstance(d, dict) or "model" not in d:
             raise ValueError(f"malformed store metadata: {str(d)[:80]!r}")
         check_schema_version(d, cls.WHAT)
@@ -133,7 +134,7 @@ class StoreMetadata(_Record):
         """Recorded in every commit: which identity wrote it."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
-    def identity_diff(self, other: "StoreMetadata") -> list[str]:
+    def identity_diff(self, other: StoreMetadata) -> list[str]:
         """Human-readable differences of identity (nested), ``self`` being the store's."""
         return _diff(self.identity(), other.identity())
 
@@ -221,15 +222,17 @@ class CommitRecord(_Record):
     def accounting_error(self) -> str | None:
         """What does not add up in the counts (every sample read is stored or rejected), or None."""
         if self.samples_read != self.indexed + self.rejected or self.rows != self.indexed:
-            return (f"counts do not add up (read {self.samples_read}, indexed {self.indexed}, "
-                    f"rejected {self.rejected}, rows {self.rows})")
+            return (
+                f"counts do not add up (read {self.samples_read}, indexed {self.indexed}, "
+                f"rejected {self.rejected}, rows {self.rows})"
+            )
         return None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "CommitRecord":
+    def from_json(cls, d: dict) -> CommitRecord:
         if not isinstance(d, dict) or not isinstance(d.get("source"), dict):
             raise ValueError(f"malformed commit record: {str(d)[:80]!r}")
         check_schema_version(d, cls.WHAT)
@@ -278,5 +281,18 @@ def as_json_bytes(record: _Record) -> bytes:
     return json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
 
 
-__all__ = ["CommitRecord", "FailureRecord", "IDENTITY_FIELDS", "IndexPointer", "ModelIdentity", "SchemaVersionError",
-           "ShardTask", "Source", "SourceVersion", "StoreMetadata", "as_json_bytes", "check_schema_version", "utc_now"]
+__all__ = [
+    "CommitRecord",
+    "FailureRecord",
+    "IDENTITY_FIELDS",
+    "IndexPointer",
+    "ModelIdentity",
+    "SchemaVersionError",
+    "ShardTask",
+    "Source",
+    "SourceVersion",
+    "StoreMetadata",
+    "as_json_bytes",
+    "check_schema_version",
+    "utc_now",
+]

@@ -54,7 +54,7 @@ class SegmentData:
     rejected: list[dict] = field(default_factory=list)  # rows of tables.REJECTED_SCHEMA
 
     @classmethod
-    def empty(cls, metadata: StoreMetadata) -> "SegmentData":
+    def empty(cls, metadata: StoreMetadata) -> SegmentData:
         m, d = metadata.tokens_per_image, metadata.token_dim
         dtype = np.dtype(metadata.token_encoding["tokens_dtype"])
         scales = np.zeros((0, m), np.float16) if metadata.quantization == "int8" else None
@@ -71,22 +71,37 @@ class SegmentWriter:
     def _write_arrays(self, data_path: str, data: SegmentData) -> dict:
         n, m, d = data.values.shape
         if (m, d) != (self.metadata.tokens_per_image, self.metadata.token_dim):
-            raise ValueError(f"tokens of shape {m}x{d} do not fit a store of "
-                             f"{self.metadata.tokens_per_image}x{self.metadata.token_dim}")
+            raise ValueError(
+                f"tokens of shape {m}x{d} do not fit a store of "
+                f"{self.metadata.tokens_per_image}x{self.metadata.token_dim}"
+            )
         group = zarr.open_group(self.loc.url_of(data_path), mode="w", zarr_format=3)
         # write_empty_chunks keeps every inner chunk in place, so each shard file
         # is exactly a row-major block (an all-zero token row is still written).
         cfg = {"write_empty_chunks": True}
-        tok = group.create_array(layout.TOKENS, shape=(n, m, d), dtype=self.encoding["tokens_dtype"],
-                                 compressors=None, config=cfg, attributes={"encoding": self.encoding},
-                                 **layout.array_chunking(n, m, d))
+        tok = group.create_array(
+            layout.TOKENS,
+            shape=(n, m, d),
+            dtype=self.encoding["tokens_dtype"],
+            compressors=None,
+            config=cfg,
+            attributes={"encoding": self.encoding},
+            **layout.array_chunking(n, m, d),
+        )
         if n:
             tok[...] = data.values
         checksums = {layout.TOKENS: token_checksum(data.values)}
         if self.metadata.quantization == "int8":
             chunking = layout.array_chunking(n, m, 1)
-            sc = group.create_array(layout.SCALES, shape=(n, m), dtype="float16", compressors=None, config=cfg,
-                                    chunks=chunking["chunks"][:2], shards=chunking["shards"][:2])
+            sc = group.create_array(
+                layout.SCALES,
+                shape=(n, m),
+                dtype="float16",
+                compressors=None,
+                config=cfg,
+                chunks=chunking["chunks"][:2],
+                shards=chunking["shards"][:2],
+            )
             if n:
                 sc[...] = data.scales
             checksums[layout.SCALES] = token_checksum(data.scales)
@@ -108,9 +123,19 @@ class SegmentWriter:
         self._write_rejected(task.data_path, data.rejected)
         return checksums
 
-    def write(self, task: ShardTask, data: SegmentData, *, samples_read: int, complete: bool = True,
-              incomplete_reason: str | None = None, extra_image_members: int = 0, bytes_read: int | None = None,
-              sha256: str | None = None, timings_s: dict | None = None) -> CommitRecord:
+    def write(
+        self,
+        task: ShardTask,
+        data: SegmentData,
+        *,
+        samples_read: int,
+        complete: bool = True,
+        incomplete_reason: str | None = None,
+        extra_image_members: int = 0,
+        bytes_read: int | None = None,
+        sha256: str | None = None,
+        timings_s: dict | None = None,
+    ) -> CommitRecord:
         """Write the segment's data and dead letters, then commit it; returns the commit record."""
         from edje_indexer import __version__
 
@@ -121,27 +146,45 @@ class SegmentWriter:
         timings = {**(timings_s or {}), "write": round(write_s, 4)}
         timings["total"] = round(timings.get("total", 0.0) + write_s, 4)
         record = CommitRecord(
-            segment=task.segment, data_path=task.data_path, revision=task.revision, shard=task.url,
+            segment=task.segment,
+            data_path=task.data_path,
+            revision=task.revision,
+            shard=task.url,
             source=Source(task.source.size, task.source.version, bytes_read, sha256),
-            identity_sha256=self.metadata.identity_sha256(), quantization=self.metadata.quantization,
-            rows=len(data.ids), samples_read=samples_read, indexed=len(data.ids), rejected=sum(by_reason.values()),
-            rejected_by_reason=dict(sorted(by_reason.items())), extra_image_members=extra_image_members,
-            complete=complete, incomplete_reason=incomplete_reason, checksums=checksums,
+            identity_sha256=self.metadata.identity_sha256(),
+            quantization=self.metadata.quantization,
+            rows=len(data.ids),
+            samples_read=samples_read,
+            indexed=len(data.ids),
+            rejected=sum(by_reason.values()),
+            rejected_by_reason=dict(sorted(by_reason.items())),
+            extra_image_members=extra_image_members,
+            complete=complete,
+            incomplete_reason=incomplete_reason,
+            checksums=checksums,
             token_bytes=int(data.values.nbytes + (0 if data.scales is None else data.scales.nbytes)),
-            timings_s=timings, software_version=__version__)
+            timings_s=timings,
+            software_version=__version__,
+        )
         if record.accounting_error():
             raise RuntimeError(f"accounting error in {task.url}: {record.accounting_error()}")
         self.loc.write_json_atomic(record.to_json(), *layout.commit_path(task.segment))  # the commit point
         self.loc.remove(*layout.failed_path(task.segment))
         # A superseded version stays until the next job's finalize (pipeline/maintenance.py).
-        log.info("committed %s: %d indexed, %d rejected, %.1f images/s", task.url, record.indexed, record.rejected,
-                 record.indexed / max(timings["total"], 1e-9))
+        log.info(
+            "committed %s: %d indexed, %d rejected, %.1f images/s",
+            task.url,
+            record.indexed,
+            record.rejected,
+            record.indexed / max(timings["total"], 1e-9),
+        )
         return record
 
     def fail(self, task: ShardTask, error: BaseException) -> FailureRecord:
         """Record a shard that could not be read at all (the next run retries it)."""
-        record = FailureRecord(segment=task.segment, shard=task.url, error_type=type(error).__name__,
-                               message=str(error) or repr(error))
+        record = FailureRecord(
+            segment=task.segment, shard=task.url, error_type=type(error).__name__, message=str(error) or repr(error)
+        )
         self.loc.write_json_atomic(record.to_json(), *layout.failed_path(task.segment))
         log.warning("shard %s could not be read: %s", task.url, record.error)
         return record

@@ -23,8 +23,13 @@ def new_metadata(model: ModelIdentity, quant: str, id_policy: str) -> StoreMetad
     """The metadata a job with this model and settings would give a new store."""
     from edje_indexer import __version__
 
-    return StoreMetadata(model=model, quantization=quantization.check_quantization(quant), id_policy=id_policy,
-                         token_encoding=quantization.ENCODINGS[quant], software_version=__version__)
+    return StoreMetadata(
+        model=model,
+        quantization=quantization.check_quantization(quant),
+        id_policy=id_policy,
+        token_encoding=quantization.ENCODINGS[quant],
+        software_version=__version__,
+    )
 
 
 def open_metadata(loc: Location) -> StoreMetadata:
@@ -32,7 +37,9 @@ def open_metadata(loc: Location) -> StoreMetadata:
         raise FileNotFoundError(f"{loc.url} is not a token store (no zarr.json); create one with 'edje-index index'")
     meta = zarr.open_group(loc.url, mode="r").attrs.get(layout.METADATA_KEY)
     if meta is None:
-        raise ValueError(f"{loc.url} is a Zarr group but not an EDJE token store (no '{layout.METADATA_KEY}' attribute)")
+        raise ValueError(
+            f"{loc.url} is a Zarr group but not an EDJE token store (no '{layout.METADATA_KEY}' attribute)"
+        )
     return StoreMetadata.from_json(dict(meta))
 
 
@@ -44,7 +51,9 @@ def create_or_check(loc: Location, metadata: StoreMetadata) -> StoreMetadata:
         if diff:
             raise StoreMismatch(
                 f"store {loc.url} was built with another model or settings; refusing to write into it:\n  "
-                + "\n  ".join(diff) + "\nUse a new --store, or the store's own settings.")
+                + "\n  ".join(diff)
+                + "\nUse a new --store, or the store's own settings."
+            )
         return stored
     root = zarr.open_group(loc.url, mode="a", zarr_format=3, attributes={layout.METADATA_KEY: metadata.to_json()})
     root.create_group(layout.SEGMENTS)

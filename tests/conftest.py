@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 
-import numpy as np
 import pytest
+from helpers import image_bytes, write_tar
 from PIL import Image
 
 from edje_indexer.pipeline.demo import packaged_photos
-from helpers import image_bytes, write_tar
-
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +21,6 @@ def photos() -> list[tuple[str, Image.Image]]:
             im.thumbnail((160, 160))
             out.append((name, im.copy()))
     return out
-
-
 
 
 @pytest.fixture

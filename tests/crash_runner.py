@@ -13,13 +13,13 @@ import signal
 import sys
 
 from edje_indexer.pipeline import job as pipeline_job
+from edje_indexer.pipeline.cli import main
+from edje_indexer.schemas import segment as schemas_segment
 from edje_indexer.schemas import storage as schemas_storage
 from edje_indexer.transforms import indexer as transforms_indexer
-from edje_indexer.schemas import segment as schemas_segment
-from edje_indexer.pipeline.cli import main
 
 point, nth = sys.argv[1], int(sys.argv[2])
-argv = sys.argv[sys.argv.index("--") + 1:]
+argv = sys.argv[sys.argv.index("--") + 1 :]
 hits = {"n": 0}
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from edje_indexer.pipeline.lock import StoreLock, StoreLocked
 from edje_indexer.schemas.storage import Location
 
+
 def image_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)

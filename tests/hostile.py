@@ -108,7 +108,7 @@ def jpeg_bomb(width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
     data = bytearray(jpeg(Image.new("RGB", (16, 16), (90, 90, 90))))
     sof = data.index(b"\xff\xc0")
     # FFC0, length (2), precision (1), height (2), width (2)
-    data[sof + 5: sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -150,6 +150,7 @@ def webp() -> bytes:
 # the JPEG block grid and saved without chroma subsampling: every 8x8 DCT
 # block is constant, so JPEG encodes a block and its rotation identically and
 # the EXIF-rotated file decodes to exactly the pixels of the upright one.
+
 
 def _blocks_upright() -> Image.Image:
     rng = np.random.default_rng(11)
@@ -220,6 +221,7 @@ BLUE_WEBP_LOSSLESS = _save(Image.new("RGB", (32, 32), (30, 40, 220)), "WEBP", lo
 
 # ---------------------------------------------------------------- tars
 
+
 def tar_bytes(members: list[tuple[str, bytes]], dirs: tuple[str, ...] = ()) -> bytes:
     """An uncompressed tar of these members in exactly this order (duplicate names allowed),
     directory entries first, ending with the end-of-archive marker."""
@@ -239,7 +241,9 @@ def tar_bytes(members: list[tuple[str, bytes]], dirs: tuple[str, ...] = ()) -> b
     return raw.getvalue()
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]], dirs: tuple[str, ...] = (), compress: str | None = None) -> Path:
+def write_tar(
+    path: Path, members: list[tuple[str, bytes]], dirs: tuple[str, ...] = (), compress: str | None = None
+) -> Path:
     """:func:`tar_bytes` written to ``path``; ``compress``: None, ``gz`` or ``bz2`` (the whole
     archive, as ``tar czf`` / ``tar cjf`` do)."""
     data = tar_bytes(members, dirs)
@@ -258,6 +262,7 @@ def member_offsets(data: bytes) -> list[tuple[str, int, int]]:
 
 
 # ---------------------------------------------------------------- expectations
+
 
 @dataclass(frozen=True)
 class Expect:
@@ -352,20 +357,42 @@ SHARD_B_MEMBERS: list[tuple[str, str, bytes]] = [
 ]
 
 SAMPLE_CASES: list[SampleCase] = [
-    SampleCase("truncated_jpeg", SHARD_A, "truncated", "truncated.jpg", decode_error("OSError"),
-               "LOAD_TRUNCATED_IMAGES is off: never padded with grey"),
+    SampleCase(
+        "truncated_jpeg",
+        SHARD_A,
+        "truncated",
+        "truncated.jpg",
+        decode_error("OSError"),
+        "LOAD_TRUNCATED_IMAGES is off: never padded with grey",
+    ),
     SampleCase("zero_byte_file", SHARD_A, "zero", "zero.jpg", decode_rejected("empty_file")),
     SampleCase("random_bytes_as_jpg", SHARD_A, "random", "random.jpg", decode_error("UnidentifiedImageError")),
     SampleCase("text_named_png", SHARD_A, "caption", "caption.png", decode_error("UnidentifiedImageError")),
-    SampleCase("png_bomb_30000", SHARD_A, "bomb_png", "bomb_png.png", decode_rejected("too_many_pixels"),
-               "declares 30000x30000: refused from the header"),
+    SampleCase(
+        "png_bomb_30000",
+        SHARD_A,
+        "bomb_png",
+        "bomb_png.png",
+        decode_rejected("too_many_pixels"),
+        "declares 30000x30000: refused from the header",
+    ),
     SampleCase("jpeg_bomb_30000", SHARD_A, "bomb_jpg", "bomb_jpg.jpg", decode_rejected("too_many_pixels")),
     SampleCase("png_144_megapixels", SHARD_A, "huge_png", "huge_png.png", decode_rejected("too_many_pixels")),
-    SampleCase("no_image_member", SHARD_A, "textonly", "textonly.txt,textonly.json",
-               Expect("rejected", "read", "no_image_member", "NoImageMember")),
+    SampleCase(
+        "no_image_member",
+        SHARD_A,
+        "textonly",
+        "textonly.txt,textonly.json",
+        Expect("rejected", "read", "no_image_member", "NoImageMember"),
+    ),
     SampleCase("duplicate_in_shard_first", SHARD_A, "dup", "dup.png", INDEXED, "the first occurrence is kept"),
-    SampleCase("duplicate_in_shard_second", SHARD_A, "dup", "dup.png",
-               Expect("rejected", "read", "duplicate_id", "DuplicateId")),
+    SampleCase(
+        "duplicate_in_shard_second",
+        SHARD_A,
+        "dup",
+        "dup.png",
+        Expect("rejected", "read", "duplicate_id", "DuplicateId"),
+    ),
     SampleCase("one_pixel_png", SHARD_A, "pixel", "pixel.png", INDEXED),
     SampleCase("one_pixel_jpeg", SHARD_A, "pixel_jpg", "pixel_jpg.jpg", INDEXED),
     SampleCase("gray16_png", SHARD_A, "gray16", "gray16.png", INDEXED),
@@ -373,18 +400,42 @@ SAMPLE_CASES: list[SampleCase] = [
     SampleCase("rgba_png", SHARD_A, "rgba", "rgba.png", INDEXED),
     SampleCase("cmyk_jpeg", SHARD_A, "cmyk", "cmyk.jpg", INDEXED),
     SampleCase("gray_jpeg", SHARD_A, "gray", "gray.jpg", INDEXED),
-    SampleCase("exif_rotated_jpeg", SHARD_A, "exif_rotated", "exif_rotated.jpg", INDEXED,
-               "stored upright: tokens equal those of 'upright'"),
+    SampleCase(
+        "exif_rotated_jpeg",
+        SHARD_A,
+        "exif_rotated",
+        "exif_rotated.jpg",
+        INDEXED,
+        "stored upright: tokens equal those of 'upright'",
+    ),
     SampleCase("webp", SHARD_A, "photo_webp", "photo_webp.webp", INDEXED),
     SampleCase("animated_gif", SHARD_A, "anim", "anim.gif", INDEXED, "first frame: tokens equal 'gif_frame1'"),
     SampleCase("dotted_file_name", SHARD_A, "img", "img.v2.final.jpg", INDEXED, "key is the name up to the first dot"),
     SampleCase("subfolder_member", SHARD_A, "sub/dir/photo", "sub/dir/photo.jpg", INDEXED),
-    SampleCase("dotted_folder_member", SHARD_A, "sub.v1/pic", "sub.v1/pic.jpg", INDEXED,
-               "dots in folder names do not split the key"),
-    SampleCase("several_image_members", SHARD_A, "multi", "multi.jpg", INDEXED,
-               "png, webp and jpg members: the jpg is used (first of IMAGE_EXTENSIONS)"),
-    SampleCase("duplicate_across_shards", SHARD_A, "cross", "cross.png", INDEXED,
-               "stored in both shards; the index keeps the first segment's row"),
+    SampleCase(
+        "dotted_folder_member",
+        SHARD_A,
+        "sub.v1/pic",
+        "sub.v1/pic.jpg",
+        INDEXED,
+        "dots in folder names do not split the key",
+    ),
+    SampleCase(
+        "several_image_members",
+        SHARD_A,
+        "multi",
+        "multi.jpg",
+        INDEXED,
+        "png, webp and jpg members: the jpg is used (first of IMAGE_EXTENSIONS)",
+    ),
+    SampleCase(
+        "duplicate_across_shards",
+        SHARD_A,
+        "cross",
+        "cross.png",
+        INDEXED,
+        "stored in both shards; the index keeps the first segment's row",
+    ),
 ]
 
 # Good helper samples (references for token comparisons, and good samples after bad ones).
@@ -399,8 +450,10 @@ def _write_members(path: Path, members, dirs=()) -> Path:
 def write_sample_corpus(root: Path) -> dict[str, Path]:
     """The two shards of sample-level cases; returns {shard file name: path}."""
     root.mkdir(parents=True, exist_ok=True)
-    return {SHARD_A: _write_members(root / SHARD_A, SHARD_A_MEMBERS, SHARD_A_DIRS),
-            SHARD_B: _write_members(root / SHARD_B, SHARD_B_MEMBERS)}
+    return {
+        SHARD_A: _write_members(root / SHARD_A, SHARD_A_MEMBERS, SHARD_A_DIRS),
+        SHARD_B: _write_members(root / SHARD_B, SHARD_B_MEMBERS),
+    }
 
 
 def sample_member_bytes(name: str) -> bytes:
@@ -409,6 +462,7 @@ def sample_member_bytes(name: str) -> bytes:
 
 
 # ---------------------------------------------------------------- shard-level cases
+
 
 @dataclass(frozen=True)
 class ShardExpect:
@@ -466,7 +520,7 @@ def write_corrupt_header_mid_archive(path: Path) -> Path:
     """
     data = bytearray(_numbered_tar_bytes("bad", 4, seed=300)[0])
     hdr = member_offsets(bytes(data))[2][1]
-    data[hdr: hdr + 512] = random_bytes(512, seed=3)
+    data[hdr : hdr + 512] = random_bytes(512, seed=3)
     path.write_bytes(bytes(data))
     return path
 
@@ -504,23 +558,42 @@ def write_healthy(path: Path) -> Path:
 
 SHARD_CASES: dict[str, tuple[str, object, ShardExpect]] = {
     # case name: (shard file name, writer, expectation)
-    "healthy": ("healthy.tar", write_healthy,
-                ShardExpect("committed", 3, 3, True, ids=("ok000", "ok001", "ok002"))),
+    "healthy": ("healthy.tar", write_healthy, ShardExpect("committed", 3, 3, True, ids=("ok000", "ok001", "ok002"))),
     "empty_tar": ("empty.tar", write_empty_tar, ShardExpect("committed", 0, 0, True)),
     "zero_byte_tar": ("zero_bytes.tar", write_zero_byte_tar, ShardExpect("failed", error_type="ReadError")),
-    "truncated_mid_member": ("truncated.tar", write_truncated_mid_member,
-                             ShardExpect("committed", 2, 2, False, ids=("cut000", "cut001"))),
-    "cut_at_member_boundary": ("cut_at_boundary.tar", write_cut_at_boundary,
-                               ShardExpect("committed", 3, 3, False, ids=("edge000", "edge001", "edge002"))),
-    "corrupt_header_mid_archive": ("corrupt_header.tar", write_corrupt_header_mid_archive,
-                                   ShardExpect("committed", 2, 2, False, ids=("bad000", "bad001"))),
+    "truncated_mid_member": (
+        "truncated.tar",
+        write_truncated_mid_member,
+        ShardExpect("committed", 2, 2, False, ids=("cut000", "cut001")),
+    ),
+    "cut_at_member_boundary": (
+        "cut_at_boundary.tar",
+        write_cut_at_boundary,
+        ShardExpect("committed", 3, 3, False, ids=("edge000", "edge001", "edge002")),
+    ),
+    "corrupt_header_mid_archive": (
+        "corrupt_header.tar",
+        write_corrupt_header_mid_archive,
+        ShardExpect("committed", 2, 2, False, ids=("bad000", "bad001")),
+    ),
     "not_a_tar": ("not_a_tar.tar", write_not_a_tar, ShardExpect("failed", error_type="ReadError")),
     "missing_file": ("missing.tar", None, ShardExpect("failed", error_type="FileNotFoundError")),
-    "gzip_tar": ("gzipped.tar.gz", write_gzip_tar, ShardExpect("committed", 3, 3, True, ids=("gz000", "gz001", "gz002"))),
+    "gzip_tar": (
+        "gzipped.tar.gz",
+        write_gzip_tar,
+        ShardExpect("committed", 3, 3, True, ids=("gz000", "gz001", "gz002")),
+    ),
     # bz2 (and xz) streams end in non-zero bytes: they must not pass for a tar without an end marker
-    "bzip2_tar": ("bzipped.tar.bz2", write_bzip2_tar, ShardExpect("committed", 3, 3, True, ids=("bz000", "bz001", "bz002"))),
-    "gzip_tar_truncated": ("gzip_truncated.tar.gz", write_gzip_truncated,
-                           ShardExpect("committed", 2, 2, False, ids=("gzcut000", "gzcut001"))),
+    "bzip2_tar": (
+        "bzipped.tar.bz2",
+        write_bzip2_tar,
+        ShardExpect("committed", 3, 3, True, ids=("bz000", "bz001", "bz002")),
+    ),
+    "gzip_tar_truncated": (
+        "gzip_truncated.tar.gz",
+        write_gzip_truncated,
+        ShardExpect("committed", 2, 2, False, ids=("gzcut000", "gzcut001")),
+    ),
 }
 
 PERMISSION_CASE = ("permission_denied", "no_permission.tar", ShardExpect("failed", error_type="PermissionError"))

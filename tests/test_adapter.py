@@ -18,12 +18,23 @@ def authors_state_dict(cfg: AdapterConfig, seed: int = 3) -> dict[str, torch.Ten
     g = torch.Generator().manual_seed(seed)
     d, h, m, o = cfg.embed_dim, cfg.mlp_hidden, cfg.num_queries, cfg.out_dim
     shapes = {
-        "query": (1, m, d), "key.weight": (d, d), "key.bias": (d,), "value.weight": (d, d), "value.bias": (d,),
-        "attention.in_proj_weight": (3 * d, d), "attention.in_proj_bias": (3 * d,),
-        "attention.out_proj.weight": (d, d), "attention.out_proj.bias": (d,),
-        "layernorm.weight": (d,), "layernorm.bias": (d,),
-        "mlp.fc1.weight": (h, d), "mlp.fc1.bias": (h,), "mlp.fc2.weight": (d, h), "mlp.fc2.bias": (d,),
-        "projection.weight": (o, d), "projection.bias": (o,),
+        "query": (1, m, d),
+        "key.weight": (d, d),
+        "key.bias": (d,),
+        "value.weight": (d, d),
+        "value.bias": (d,),
+        "attention.in_proj_weight": (3 * d, d),
+        "attention.in_proj_bias": (3 * d,),
+        "attention.out_proj.weight": (d, d),
+        "attention.out_proj.bias": (d,),
+        "layernorm.weight": (d,),
+        "layernorm.bias": (d,),
+        "mlp.fc1.weight": (h, d),
+        "mlp.fc1.bias": (h,),
+        "mlp.fc2.weight": (d, h),
+        "mlp.fc2.bias": (d,),
+        "projection.weight": (o, d),
+        "projection.bias": (o,),
     }
     state = {f"vision_projection.{k}": torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()}
     state["text_encoder.embeddings.word_embeddings.weight"] = torch.randn(10, 4, generator=g)
@@ -42,7 +53,7 @@ def reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor, cfg: Adap
     q = (p["query"].expand(b, -1, -1) @ wq.T + bq).view(b, -1, hds, hd).transpose(1, 2)
     k = (k_in @ wk.T + bk).view(b, n, hds, hd).transpose(1, 2)
     v = (v_in @ wv.T + bv).view(b, n, hds, hd).transpose(1, 2)
-    att = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1) @ v
+    att = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1) @ v
     h = att.transpose(1, 2).reshape(b, -1, d) @ p["attention.out_proj.weight"].T + p["attention.out_proj.bias"]
     y = F.layer_norm(h, (d,), p["layernorm.weight"], p["layernorm.bias"], eps=cfg.ln_eps)
     y = F.gelu(y @ p["mlp.fc1.weight"].T + p["mlp.fc1.bias"], approximate="tanh") @ p["mlp.fc2.weight"].T
@@ -78,8 +89,9 @@ def test_weights_files_load_into_the_tiny_model(tmp_path):
     adapter_file, backbone_file = tmp_path / "adapter.safetensors", tmp_path / "backbone.safetensors"
     save_file({k: v.contiguous() for k, v in tiny.adapter.state_dict().items()}, str(adapter_file))
     authors_file = tmp_path / "authors.pth"
-    torch.save({"state_dict": {f"vision_projection.{k}": v for k, v in tiny.adapter.state_dict().items()}},
-               authors_file)
+    torch.save(
+        {"state_dict": {f"vision_projection.{k}": v for k, v in tiny.adapter.state_dict().items()}}, authors_file
+    )
     save_file({k: v.contiguous() for k, v in tiny.backbone.state_dict().items()}, str(backbone_file))
     for adapter in (adapter_file, authors_file):
         spec = resolve_spec("tiny", weights=str(backbone_file), adapter=str(adapter))
@@ -95,8 +107,9 @@ def test_presets_are_deterministic():
     x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8).numpy()
     from edje_indexer.transforms import TokenEncoder
 
-    torch.testing.assert_close(TokenEncoder(a, "fp16").encode_float(x), TokenEncoder(b, "fp16").encode_float(x),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        TokenEncoder(a, "fp16").encode_float(x), TokenEncoder(b, "fp16").encode_float(x), rtol=0, atol=0
+    )
 
 
 def test_missing_weights_are_a_clear_error(tmp_path, monkeypatch):

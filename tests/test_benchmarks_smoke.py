@@ -13,8 +13,20 @@ def _positive(x) -> bool:
 
 
 def test_throughput_smoke(tmp_path, capsys):
-    argv = ["-n", "16", "--shards", "2", "--batch-size", "8", "--decode-threads", "2", "--preset", "tiny",
-            "--dir", str(tmp_path)]
+    argv = [
+        "-n",
+        "16",
+        "--shards",
+        "2",
+        "--batch-size",
+        "8",
+        "--decode-threads",
+        "2",
+        "--preset",
+        "tiny",
+        "--dir",
+        str(tmp_path),
+    ]
     assert throughput.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("limit_images_per_s", "job_images_per_s", "ratio", "run_job_wall_s", "job_seconds", "cpu_count"):
@@ -77,8 +89,23 @@ def test_incremental_smoke(tmp_path, capsys):
 
 
 def test_rss_scaling_smoke(tmp_path, capsys):
-    rc = throughput.main(["--rss-scaling", "--rss-factor", "2", "-n", "4", "--shards", "2", "--batch-size", "2",
-                          "--decode-threads", "1", "--dir", str(tmp_path)])
+    rc = throughput.main(
+        [
+            "--rss-scaling",
+            "--rss-factor",
+            "2",
+            "-n",
+            "4",
+            "--shards",
+            "2",
+            "--batch-size",
+            "2",
+            "--decode-threads",
+            "1",
+            "--dir",
+            str(tmp_path),
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["benchmark"] == "rss_scaling"
     assert (out["small"]["images"], out["small"]["shards"]) == (4, 2)

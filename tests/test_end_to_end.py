@@ -134,7 +134,9 @@ def test_rerun_skips_committed_shards(tmp_path, corpus, capsys):
     pattern, _, _ = corpus
     store = str(tmp_path / "store")
     assert run_index(pattern, store) == 0
-    before = {n: os.path.getmtime(os.path.join(store, "commits", n)) for n in os.listdir(os.path.join(store, "commits"))}
+    before = {
+        n: os.path.getmtime(os.path.join(store, "commits", n)) for n in os.listdir(os.path.join(store, "commits"))
+    }
     capsys.readouterr()
     assert run_index(pattern, store, "--json") == 0
     summary = json.loads(capsys.readouterr().out)
@@ -144,15 +146,21 @@ def test_rerun_skips_committed_shards(tmp_path, corpus, capsys):
 
 
 def _listing(root):
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
-                  for d, _, fs in os.walk(root) for f in fs)
+    return sorted(
+        (os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+        for d, _, fs in os.walk(root)
+        for f in fs
+    )
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--quantize", "int8"], "quantization: store has 'fp16', job has 'int8'"),
-    (["--id-policy", "shard-key"], "id_policy"),
-    (["--no-jpeg-draft"], "jpeg_draft"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--quantize", "int8"], "quantization: store has 'fp16', job has 'int8'"),
+        (["--id-policy", "shard-key"], "id_policy"),
+        (["--no-jpeg-draft"], "jpeg_draft"),
+    ],
+)
 def test_model_or_settings_mismatch_is_refused_before_writing(tmp_path, corpus, capsys, extra, needle):
     pattern, _, _ = corpus
     store = str(tmp_path / "store")
@@ -171,8 +179,21 @@ def test_other_backbone_is_refused(tmp_path, corpus, capsys):
     store = str(tmp_path / "store")
     assert run_index(pattern, store) == 0
     before = _listing(store)
-    rc = main(["index", "--input", pattern, "--store", store, "--backbone", "vit_tiny_patch16_224",
-               "--random-weights", "--random-adapter", "--batch-size", "3"])
+    rc = main(
+        [
+            "index",
+            "--input",
+            pattern,
+            "--store",
+            store,
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--random-weights",
+            "--random-adapter",
+            "--batch-size",
+            "3",
+        ]
+    )
     assert rc == 2 and "model.backbone_kwargs" in capsys.readouterr().err
     assert _listing(store) == before
 

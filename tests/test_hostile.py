@@ -20,21 +20,20 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import hostile as H
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import hostile as H
+from webdataset.tariterators import base_plus_ext
 
 from edje_indexer.pipeline.cli import main
-from edje_indexer.pipeline.summary import summarize
 from edje_indexer.pipeline.presets import PRESETS
+from edje_indexer.pipeline.summary import summarize
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.reader import TokenStore
 from edje_indexer.transforms.decoders import DecodeRejected, decode_image
 from edje_indexer.transforms.shards import IMAGE_EXTENSIONS
-from webdataset.tariterators import base_plus_ext
 
 PP = PRESETS["tiny"].preprocess
 
@@ -61,6 +60,7 @@ def index(pattern: str, store: Path, *extra: str) -> SimpleNamespace:
 
 def read_store_records(store: Path) -> SimpleNamespace:
     """Commit records, failure records and dead-letter rows, keyed by shard file name."""
+
     def by_shard(folder: str) -> dict[str, dict]:
         d = store / folder
         recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
@@ -82,6 +82,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- sample-level cases
 
+
 @pytest.fixture(scope="module", params=["pillow", "torchvision"])
 def samples(tmp_path_factory, request):
     """The sample corpus through each decoder (torchvision's nvJPEG path runs with the CPU as device)."""
@@ -91,8 +92,9 @@ def samples(tmp_path_factory, request):
     res = index(str(root / "corpus" / "*.tar"), store, "--decoder", request.param)
     assert res.rc == 0, res.stderr
     recs = read_store_records(store)
-    return SimpleNamespace(res=res, store=store, shards=shards, ts=TokenStore.open(str(store)),
-                           summary=summarize(str(store)), **vars(recs))
+    return SimpleNamespace(
+        res=res, store=store, shards=shards, ts=TokenStore.open(str(store)), summary=summarize(str(store)), **vars(recs)
+    )
 
 
 SAMPLE_REJECTED = [c for c in H.SAMPLE_CASES if c.expect.outcome == "rejected"]
@@ -153,7 +155,8 @@ def test_rejected_counts_by_reason(samples):
     assert samples.summary["rejected_total"] == len(SAMPLE_REJECTED)
     assert samples.res.summary["rejected_by_reason"] == want
     assert samples.summary["samples_read"] == samples.summary["images"] + samples.summary["duplicate_ids"] + len(
-        SAMPLE_REJECTED)
+        SAMPLE_REJECTED
+    )
 
 
 def test_rejection_never_stops_the_shard(samples):
@@ -162,7 +165,7 @@ def test_rejection_never_stops_the_shard(samples):
     order = H.SHARD_A_MEMBERS
     assert order[0][0] in bad
     last_bad = max(i for i, (case, _, _) in enumerate(order) if case in bad)
-    after = [base_plus_ext(name)[0] for case, name, _ in order[last_bad + 1:] if "." in name]
+    after = [base_plus_ext(name)[0] for case, name, _ in order[last_bad + 1 :] if "." in name]
     assert "good_last" in after and len(after) >= 5
     missing = [key for key in after if key not in samples.ts]
     assert not missing, f"good samples after a rejected one were not indexed: {missing}"
@@ -231,6 +234,7 @@ def test_duplicate_across_shards(samples):
 
 # ---------------------------------------------------------------- shard-level cases
 
+
 def _can_test_permissions() -> bool:
     return os.geteuid() != 0
 
@@ -246,8 +250,14 @@ def shards(tmp_path_factory):
         for p in paths.values():
             if p.exists():
                 os.chmod(p, 0o644)
-    return SimpleNamespace(res=res, store=store, paths=paths, ts=TokenStore.open(str(store)),
-                           summary=summarize(str(store)), **vars(read_store_records(store)))
+    return SimpleNamespace(
+        res=res,
+        store=store,
+        paths=paths,
+        ts=TokenStore.open(str(store)),
+        summary=summarize(str(store)),
+        **vars(read_store_records(store)),
+    )
 
 
 def test_broken_shards_beside_a_good_one_exit_0(shards):
@@ -307,17 +317,20 @@ def test_no_readable_shard_exits_2(tmp_path):
     assert "no shard could be indexed" in res.stderr
     recs = read_store_records(store)
     assert recs.commits == {}
-    assert {n: r["error_type"] for n, r in recs.failed.items()} == {"nowhere.tar": "FileNotFoundError",
-                                                                     "garbage.tar": "ReadError"}
+    assert {n: r["error_type"] for n, r in recs.failed.items()} == {
+        "nowhere.tar": "FileNotFoundError",
+        "garbage.tar": "ReadError",
+    }
 
 
 def test_a_stuck_decoder_is_rejected_by_timeout_not_a_hang(tmp_path, monkeypatch):
     """A decoder that never returns costs one image (reason 'timeout'), not the job."""
     import threading
 
-    from edje_indexer.transforms import decoders
     from helpers import image_bytes, write_tar
     from PIL import Image
+
+    from edje_indexer.transforms import decoders
 
     release = threading.Event()
     real = decoders.PillowDecoder.prepare
@@ -329,8 +342,10 @@ def test_a_stuck_decoder_is_rejected_by_timeout_not_a_hang(tmp_path, monkeypatch
 
     monkeypatch.setattr(decoders.PillowDecoder, "prepare", prepare)
     im = Image.new("RGB", (40, 30), (200, 10, 10))
-    shard = write_tar(tmp_path / "stuck.tar", [("a.jpg", image_bytes(im, "JPEG")), ("stuck.png", image_bytes(im, "PNG")),
-                                               ("b.jpg", image_bytes(im, "JPEG"))])
+    shard = write_tar(
+        tmp_path / "stuck.tar",
+        [("a.jpg", image_bytes(im, "JPEG")), ("stuck.png", image_bytes(im, "PNG")), ("b.jpg", image_bytes(im, "JPEG"))],
+    )
     try:
         res = index(shard, tmp_path / "store", "--decode-timeout", "1")
     finally:
@@ -343,9 +358,10 @@ def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, m
     """A Latin-1 member name and a too-large image member cost their sample only."""
     import tarfile
 
-    from edje_indexer.transforms import shards as transforms_shards
-    from PIL import Image
     from helpers import image_bytes
+    from PIL import Image
+
+    from edje_indexer.transforms import shards as transforms_shards
 
     monkeypatch.setattr(transforms_shards, "MAX_MEMBER_BYTES", 4096)
     small = image_bytes(Image.new("RGB", (8, 8), (0, 90, 200)), "JPEG")
@@ -353,8 +369,14 @@ def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, m
     assert len(small) < 4096 < len(big)
     path = tmp_path / "mixed.tar"
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
-        for name, data in [("ok1.jpg", small), ("caf\xe9.jpg", small), ("huge.png", big),
-                           ("video.mp4", b"\0" * 10_000), ("video.jpg", small), ("ok2.jpg", small)]:
+        for name, data in [
+            ("ok1.jpg", small),
+            ("caf\xe9.jpg", small),
+            ("huge.png", big),
+            ("video.mp4", b"\0" * 10_000),
+            ("video.jpg", small),
+            ("ok2.jpg", small),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
@@ -371,9 +393,10 @@ def test_non_utf8_names_and_oversized_members_are_rejected_not_fatal(tmp_path, m
 
 def test_images_queued_behind_a_timed_out_decode_are_not_rejected(tmp_path, monkeypatch):
     """One decode thread, a 1 s timeout, a 3 s decode: only the slow image is a timeout."""
-    from edje_indexer.transforms import decoders
     from helpers import image_bytes, write_tar
     from PIL import Image
+
+    from edje_indexer.transforms import decoders
 
     real = decoders.PillowDecoder.prepare
 

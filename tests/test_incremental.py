@@ -9,12 +9,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+from helpers import image_bytes, write_tar
 
 from edje_indexer.pipeline.cli import main
-from edje_indexer.schemas import TokenStore, read_commits, Location
-from helpers import image_bytes, write_tar
+from edje_indexer.schemas import Location, TokenStore, read_commits
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
@@ -44,7 +43,7 @@ def index(pattern, store, *extra, capsys=None) -> dict | int:
         return rc
     out = capsys.readouterr().out
     assert rc == 0, out
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{") :])
 
 
 def contents(store) -> dict[str, bytes]:
@@ -56,8 +55,10 @@ def contents(store) -> dict[str, bytes]:
 
 
 def committed(store) -> dict[str, tuple]:
-    return {s: (c.data_path, c.rows, json.dumps(c.checksums, sort_keys=True))
-            for s, c in read_commits(Location(store)).items()}
+    return {
+        s: (c.data_path, c.rows, json.dumps(c.checksums, sort_keys=True))
+        for s, c in read_commits(Location(store)).items()
+    }
 
 
 def verify_json(store, *extra) -> dict:
@@ -106,8 +107,20 @@ def test_force_never_touches_committed_data_even_when_killed(tmp_path, shards):
     store = str(tmp_path / "store")
     assert index(pattern, store) == 0
     before = contents(store)
-    cmd = [sys.executable, os.path.join(HERE, "crash_runner.py"), "write", "2", "--",
-           "index", "--input", pattern, "--store", store, *TINY, "--force"]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "crash_runner.py"),
+        "write",
+        "2",
+        "--",
+        "index",
+        "--input",
+        pattern,
+        "--store",
+        store,
+        *TINY,
+        "--force",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert contents(store) == before  # readers still see every committed row
@@ -123,8 +136,19 @@ def test_killed_job_reruns_to_the_clean_result(tmp_path, shards, point, nth):
     _, pattern = shards
     clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
     assert index(pattern, clean) == 0
-    cmd = [sys.executable, os.path.join(HERE, "crash_runner.py"), point, str(nth), "--",
-           "index", "--input", pattern, "--store", crashed, *TINY]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "crash_runner.py"),
+        point,
+        str(nth),
+        "--",
+        "index",
+        "--input",
+        pattern,
+        "--store",
+        crashed,
+        *TINY,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
@@ -147,10 +171,22 @@ def test_sigkill_of_the_multiprocess_tree(tmp_path, shards):
     _, pattern = shards
     clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
     assert index(pattern, clean) == 0
-    cmd = [sys.executable, "-m", "edje_indexer.pipeline.cli", "index", "--input", pattern, "--store", crashed, *TINY,
-           "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "edje_indexer.pipeline.cli",
+        "index",
+        "--input",
+        pattern,
+        "--store",
+        crashed,
+        *TINY,
+        "--direct_num_workers=2",
+        "--direct_running_mode=multi_processing",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(os.path.join(crashed, "commits")) and os.listdir(os.path.join(crashed, "commits")):
@@ -203,13 +239,25 @@ def test_second_job_refuses_or_waits_and_stale_locks_are_taken_over(tmp_path, sh
     os.makedirs(store)
     # a job that holds the lock for a while (it sleeps inside its first shard)
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from edje_indexer.transforms import index_shards as t; f = t.index_shard; slept = []\n"
-         "def slow(*a, **k):\n    slept or time.sleep(4); slept.append(1); return f(*a, **k)\n"
-         "t.index_shard = slow\n"
-         "from edje_indexer.pipeline.cli import main; sys.exit(main(sys.argv[1:]))",
-         "index", "--input", pattern, "--store", store, *TINY],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from edje_indexer.transforms import index_shards as t; f = t.index_shard; slept = []\n"
+            "def slow(*a, **k):\n    slept or time.sleep(4); slept.append(1); return f(*a, **k)\n"
+            "t.index_shard = slow\n"
+            "from edje_indexer.pipeline.cli import main; sys.exit(main(sys.argv[1:]))",
+            "index",
+            "--input",
+            pattern,
+            "--store",
+            store,
+            *TINY,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not os.path.exists(os.path.join(store, "_lock")) and time.time() < deadline:
         time.sleep(0.05)
@@ -221,7 +269,7 @@ def test_second_job_refuses_or_waits_and_stale_locks_are_taken_over(tmp_path, sh
 
     # a lock left by a dead process on this host is stale
     with open(os.path.join(store, "_lock"), "w") as f:
-        json.dump({"host": os.uname().nodename, "pid": 2 ** 22 + 12345, "token": "x", "heartbeat": time.time()}, f)
+        json.dump({"host": os.uname().nodename, "pid": 2**22 + 12345, "token": "x", "heartbeat": time.time()}, f)
     assert main(["index", "--input", pattern, "--store", store, *TINY]) == 0
     assert not os.path.exists(os.path.join(store, "_lock"))
 

@@ -1,9 +1,5 @@
 """Input patterns and planning."""
 
-import os
-
-import pytest
-
 from edje_indexer.pipeline.plan import expand_pattern
 
 

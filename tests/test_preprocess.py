@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
+
 from edje_indexer.pipeline.demo import packaged_photos
 from edje_indexer.transforms.decoders import decode_image
 from edje_indexer.transforms.preprocess import Preprocess
-from PIL import Image
 
 # Odd and even sides, square, landscape, portrait and strips: exercises timm's floor/int/round and the
 # half-to-even center-crop offsets on both axes.
@@ -48,8 +49,10 @@ TIMM_CONFIGS = [
     ("squash-0.9-nonsquare", {"input_size": (3, 96, 144), "crop_mode": "squash", "crop_pct": 0.9}),
     ("squash-1.15-pads", {"input_size": (3, 112, 112), "crop_mode": "squash", "crop_pct": 1.15}),
     ("border-1.0-bicubic", {"crop_mode": "border", "crop_pct": 1.0}),
-    ("border-0.9-bilinear-nonsquare", {"input_size": (3, 96, 144), "crop_mode": "border", "crop_pct": 0.9,
-                                       "interpolation": "bilinear"}),
+    (
+        "border-0.9-bilinear-nonsquare",
+        {"input_size": (3, 96, 144), "crop_mode": "border", "crop_pct": 0.9, "interpolation": "bilinear"},
+    ),
     ("border-0.875-portrait-target", {"input_size": (3, 128, 80), "crop_mode": "border", "crop_pct": 0.875}),
     ("border-1.15", {"input_size": (3, 112, 112), "crop_mode": "border", "crop_pct": 1.15, "mean": (0.5, 0.25, 0.75)}),
 ]
@@ -111,8 +114,14 @@ MODE_CASES = [
     Preprocess(size=(80, 80), resize="shorter_crop", interpolation="bilinear", crop_pct=1.15),
     Preprocess(size=(96, 96), resize="squash_crop", interpolation="bicubic", crop_pct=0.875),
     Preprocess(size=(96, 64), resize="squash_crop", interpolation="bilinear", crop_pct=1.15),
-    Preprocess(size=(96, 96), resize="longer_pad", interpolation="bicubic", crop_pct=1.0,
-               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    Preprocess(
+        size=(96, 96),
+        resize="longer_pad",
+        interpolation="bicubic",
+        crop_pct=1.0,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    ),
     Preprocess(size=(64, 96), resize="longer_pad", interpolation="bilinear", crop_pct=0.9),
     Preprocess(size=(80, 80), resize="longer_pad", interpolation="bicubic", crop_pct=1.15),
 ]
@@ -163,28 +172,48 @@ def test_squash_preset_behaviour_unchanged(images):
     # The presets' geometry is part of stored identities: plain Pillow squash, plain antialiased interpolate.
     pp = Preprocess(size=(64, 64), resize="squash", interpolation="bilinear", crop_pct=1.0)
     for _, im in images:
-        np.testing.assert_array_equal(np.asarray(pp.resize_pillow(im)),
-                                      np.asarray(im.resize((64, 64), Image.Resampling.BILINEAR)))
+        np.testing.assert_array_equal(
+            np.asarray(pp.resize_pillow(im)), np.asarray(im.resize((64, 64), Image.Resampling.BILINEAR))
+        )
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
-        old = torch.nn.functional.interpolate(x[None].float(), size=(64, 64), mode="bilinear", antialias=True,
-                                              align_corners=False).round().clamp(0, 255).to(torch.uint8)[0]
+        old = (
+            torch.nn.functional.interpolate(
+                x[None].float(), size=(64, 64), mode="bilinear", antialias=True, align_corners=False
+            )
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)[0]
+        )
         torch.testing.assert_close(pp.resize_tensor(x), old, rtol=0, atol=0)
     assert pp.draft_size() == 64
 
 
 def test_identity_dicts_unchanged(vit_tiny):
     # Hashed into stored model identities: these exact JSON strings must not change.
-    siglip = Preprocess(size=(384, 384), resize="squash", interpolation="bilinear", mean=(0.5, 0.5, 0.5),
-                        std=(0.5, 0.5, 0.5), crop_pct=1.0)
+    siglip = Preprocess(
+        size=(384, 384),
+        resize="squash",
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        crop_pct=1.0,
+    )
     assert json.dumps(siglip.to_dict(), sort_keys=True) == (
         '{"crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "resize": "squash", '
-        '"size": [384, 384], "std": [0.5, 0.5, 0.5]}')
+        '"size": [384, 384], "std": [0.5, 0.5, 0.5]}'
+    )
     assert list(siglip.to_dict()) == ["size", "resize", "interpolation", "mean", "std", "crop_pct"]
     tiny = Preprocess(size=(64, 64), resize="squash", interpolation="bilinear", crop_pct=1.0)
     assert tiny.to_dict()["size"] == [64, 64] and len(tiny.to_dict()) == 6
     vit = Preprocess.from_timm(timm.data.resolve_model_data_config(vit_tiny))
-    assert vit.to_dict() == {"size": [224, 224], "resize": "shorter_crop", "interpolation": "bicubic",
-                             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9}
+    assert vit.to_dict() == {
+        "size": [224, 224],
+        "resize": "shorter_crop",
+        "interpolation": "bicubic",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "crop_pct": 0.9,
+    }
 
 
 def jpeg_header(w: int, h: int) -> bytes:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
-from edje_indexer.schemas import reader as schemas_store
 from edje_indexer.benchmarks.synthetic_store import build_synthetic_store, encode_tokens, random_tokens, write_segment
 from edje_indexer.pipeline import cli
 from edje_indexer.schemas import quantization
+from edje_indexer.schemas import reader as schemas_store
 from edje_indexer.schemas.reader import TokenStore, UnknownIdError
 from edje_indexer.schemas.storage import Location
 
@@ -22,8 +22,7 @@ N, PER_SEGMENT, M, D = 300, 70, 64, 384  # 5 segments, the last one short
 @pytest.fixture(scope="module", params=["fp16", "int8"])
 def built(request, tmp_path_factory):
     url = str(tmp_path_factory.mktemp(f"store-{request.param}") / "store")
-    return build_synthetic_store(url, N, PER_SEGMENT, quantization=request.param, m=M, d=D, seed=7,
-                                 return_tokens=True)
+    return build_synthetic_store(url, N, PER_SEGMENT, quantization=request.param, m=M, d=D, seed=7, return_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def test_get_matches_the_tokens_written(built, store):
         _, scales = store.get_raw([built.ids[r] for r in rows])
         s = scales.astype(np.float32)[..., None]
         # error <= scale / 2 (scales round up: nothing is clamped; see quantization.py), plus float32 rounding
-        bound = 0.5 * s * (1 + 2.0 ** -10) + 1e-6
+        bound = 0.5 * s * (1 + 2.0**-10) + 1e-6
         assert (np.abs(got - x) <= bound).all()
         assert np.abs(got - x).max() > 0  # it is lossy: the test is not vacuous
 
@@ -115,8 +114,10 @@ def test_every_decode_path_gives_the_same_bits(built, store):
     no_torch = TokenStore.open(built.url)
     no_torch._torch = None
     np.testing.assert_array_equal(no_torch.get(ids), want)
-    np.testing.assert_array_equal(no_torch.get(ids, dtype=np.float16),
-                                  quantization.dequantize(values, scales, built.metadata.quantization, np.float16))
+    np.testing.assert_array_equal(
+        no_torch.get(ids, dtype=np.float16),
+        quantization.dequantize(values, scales, built.metadata.quantization, np.float16),
+    )
 
 
 def test_get_raw_returns_stored_bytes_and_scales(built, store):
@@ -223,7 +224,9 @@ def test_fsspec_memory_url():
         want_values, want_scales = _encoded(built, rows)
         np.testing.assert_array_equal(values, want_values)
         np.testing.assert_array_equal(scales, want_scales)
-        np.testing.assert_array_equal(s.get([built.ids[r] for r in rows]), quantization.dequantize(values, scales, "int8"))
+        np.testing.assert_array_equal(
+            s.get([built.ids[r] for r in rows]), quantization.dequantize(values, scales, "int8")
+        )
     finally:
         Location(url).fs.rm(url.split("://", 1)[1].rsplit("/", 1)[0], recursive=True)
 

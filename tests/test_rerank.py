@@ -19,7 +19,6 @@ import torch  # noqa: E402
 from transformers import BertTokenizerFast  # noqa: E402
 
 from edje_indexer.benchmarks.synthetic_store import build_synthetic_store  # noqa: E402
-from edje_indexer.rerank import cli as rerank_cli  # noqa: E402
 from edje_indexer.rerank import (  # noqa: E402
     CheckpointError,
     EdjeJointEncoder,
@@ -30,13 +29,46 @@ from edje_indexer.rerank import (  # noqa: E402
     save_pretrained,
     tokenize,
 )
+from edje_indexer.rerank import cli as rerank_cli  # noqa: E402
 from edje_indexer.schemas import TokenStore, UnknownIdError  # noqa: E402
 
-WORDS = ["a", "an", "the", "dog", "cat", "red", "car", "on", "in", "grass", "beach", "man", "woman", "riding",
-         "bike", "street", "two", "small", "big", "water", "##s", "##ing", "photo", "of", "white", "black"]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "dog",
+    "cat",
+    "red",
+    "car",
+    "on",
+    "in",
+    "grass",
+    "beach",
+    "man",
+    "woman",
+    "riding",
+    "bike",
+    "street",
+    "two",
+    "small",
+    "big",
+    "water",
+    "##s",
+    "##ing",
+    "photo",
+    "of",
+    "white",
+    "black",
+]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-TEXTS = ["a dog on the grass", "two small red cars in the street", "cat", "a man riding a white bike on the beach",
-         "black dogs", ""]
+TEXTS = [
+    "a dog on the grass",
+    "two small red cars in the street",
+    "cat",
+    "a man riding a white bike on the beach",
+    "black dogs",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +79,9 @@ def tokenizer(tmp_path_factory):
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=len(VOCAB), num_hidden_layers=2, num_attention_heads=6, intermediate_size=256,
-                initializer_range=0.2)
+    base = dict(
+        vocab_size=len(VOCAB), num_hidden_layers=2, num_attention_heads=6, intermediate_size=256, initializer_range=0.2
+    )
     base.update(kw)
     return minilm_l12_h384_config(**base)
 
@@ -99,7 +132,7 @@ def test_input_layout(model, tokenizer):
     word = model.bert.embeddings.word_embeddings.weight
     emb = inp["inputs_embeds"]
     assert torch.equal(emb[0, :7], word[text.input_ids[0]])
-    assert torch.equal(emb[:, 7:7 + m], x)
+    assert torch.equal(emb[:, 7 : 7 + m], x)
     assert torch.equal(emb[:, -1], word[[3, 3]])
     # one text for every row (the reranking case): no padding, no mask
     same = tokenize(tokenizer, ["cat", "cat"])
@@ -144,13 +177,12 @@ def test_matches_an_independent_construction(model, tokenizer):
 def test_score_does_not_depend_on_the_batch(model, tokenizer):
     x = images(len(TEXTS))
     batched = model.score_texts(tokenizer, TEXTS, x)
-    alone = torch.stack([model.score_texts(tokenizer, [t], x[i:i + 1])[0] for i, t in enumerate(TEXTS)])
+    alone = torch.stack([model.score_texts(tokenizer, [t], x[i : i + 1])[0] for i, t in enumerate(TEXTS)])
     assert close(batched, alone)
     # other company: the pairs reversed and mixed with longer texts and other images
     order = list(reversed(range(len(TEXTS))))
     extra = ["the big black dog riding in the water " * 3, "photo"]
-    mixed = model.score_texts(tokenizer, [TEXTS[i] for i in order] + extra,
-                              torch.cat([x[order], images(2, seed=7)]))
+    mixed = model.score_texts(tokenizer, [TEXTS[i] for i in order] + extra, torch.cat([x[order], images(2, seed=7)]))
     assert close(mixed[: len(TEXTS)].flip(0), batched)
     assert len(set(np.round(batched.numpy(), 4))) == len(TEXTS)  # the scores do tell pairs apart
 
@@ -162,16 +194,23 @@ def authors_names(model: EdjeJointEncoder, text_prefix: str, head: str) -> dict:
     out = {}
     for k, v in model.state_dict().items():
         if k.startswith("bert."):
-            out[text_prefix + k[len("bert."):]] = v.clone()
+            out[text_prefix + k[len("bert.") :]] = v.clone()
         elif k.startswith("itm_head."):
-            out[head + k[len("itm_head."):]] = v.clone()
+            out[head + k[len("itm_head.") :]] = v.clone()
         else:
             out[k] = v.clone()
     return out
 
 
-@pytest.mark.parametrize("text_prefix,head", [("bert.", "itm_head."), ("text_encoder.", "classifier."),
-                                              ("text_encoder.bert.", "itm_head."), ("", "classifier.")])
+@pytest.mark.parametrize(
+    "text_prefix,head",
+    [
+        ("bert.", "itm_head."),
+        ("text_encoder.", "classifier."),
+        ("text_encoder.bert.", "itm_head."),
+        ("", "classifier."),
+    ],
+)
 @torch.no_grad()
 def test_load_authors_names(model, tokenizer, text_prefix, head):
     sd = authors_names(model, text_prefix, head)
@@ -275,8 +314,12 @@ def test_reranker_over_a_store(model, tokenizer, store):
     cands = [ids[i] for i in (7, 0, 11, 3, 5, 9, 1, 10, 2, 4)]
     direct = model.score_texts(tokenizer, [query] * len(cands), torch.from_numpy(ts.get(cands))).numpy()
     # several batches (read ahead on a thread), one batch, no read-ahead, decoded "on the device" from get_raw
-    for kw in ({"batch_size": 4}, {"batch_size": 64}, {"batch_size": 3, "prefetch": False},
-               {"batch_size": 4, "decode_on_device": True}):
+    for kw in (
+        {"batch_size": 4},
+        {"batch_size": 64},
+        {"batch_size": 3, "prefetch": False},
+        {"batch_size": 4, "decode_on_device": True},
+    ):
         rr = Reranker(model, tokenizer, ts, **kw)
         scores = rr.score(query, cands)
         assert scores.dtype == np.float32 and scores.shape == (len(cands),)
@@ -391,8 +434,22 @@ def test_real_minilm_text_model(store):
 def test_benchmark_smoke(capsys):
     from edje_indexer.benchmarks import rerank as bench
 
-    argv = ["--device", "cpu", "--layers", "1", "--batch-size", "4", "--pairs", "6", "--repeats", "1",
-            "--text-len", "10", "--quantization", "int8"]
+    argv = [
+        "--device",
+        "cpu",
+        "--layers",
+        "1",
+        "--batch-size",
+        "4",
+        "--pairs",
+        "6",
+        "--repeats",
+        "1",
+        "--text-len",
+        "10",
+        "--quantization",
+        "int8",
+    ]
     assert bench.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["pairs"] == 6 and out["batch_size"] == 4 and out["sequence_len"] == 10 + 64 + 1

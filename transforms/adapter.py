@@ -72,11 +72,13 @@ def load_adapter_state(adapter: EDJEAdapter, state: dict[str, torch.Tensor], sou
     misshapen parameters are an error naming the file.
     """
     if any(k.startswith(AUTHORS_PREFIX) for k in state):
-        state = {k[len(AUTHORS_PREFIX):]: v for k, v in state.items() if k.startswith(AUTHORS_PREFIX)}
+        state = {k[len(AUTHORS_PREFIX) :]: v for k, v in state.items() if k.startswith(AUTHORS_PREFIX)}
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"adapter weights {source} lack parameters {missing}; expected the names in transforms/adapter.py")
+        raise ValueError(
+            f"adapter weights {source} lack parameters {missing}; expected the names in transforms/adapter.py"
+        )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(

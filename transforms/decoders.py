@@ -89,7 +89,8 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         except UnidentifiedImageError:
             # Pillow's message names the BytesIO object (a memory address); say what the bytes were.
             raise UnidentifiedImageError(
-                f"not an image format Pillow can read ({len(data)} bytes starting {data[:8]!r})") from None
+                f"not an image format Pillow can read ({len(data)} bytes starting {data[:8]!r})"
+            ) from None
     w, h = im.size
     if w * h > max_pixels:
         raise DecodeRejected("too_many_pixels", f"declared size {w}x{h} exceeds the {max_pixels}-pixel limit")
@@ -98,8 +99,9 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     return im
 
 
-def decode_image(data: bytes, pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 jpeg_draft: bool = True) -> np.ndarray:
+def decode_image(
+    data: bytes, pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS, jpeg_draft: bool = True
+) -> np.ndarray:
     """Decode, orient (EXIF), convert to RGB and resize one image with Pillow: uint8 [H, W, 3].
 
     ``jpeg_draft`` lets libjpeg decode at a reduced DCT scale, never below
@@ -150,8 +152,11 @@ def decode_full(data: bytes) -> torch.Tensor:
     import torchvision.io as tvio
 
     try:
-        x = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB,
-                              apply_exif_orientation=True)
+        x = tvio.decode_image(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            mode=tvio.ImageReadMode.RGB,
+            apply_exif_orientation=True,
+        )
         if x.ndim == 4:  # animated GIF: all frames
             x = x[0]
         if x.dtype != torch.uint8:  # 16-bit PNG
@@ -162,8 +167,13 @@ def decode_full(data: bytes) -> torch.Tensor:
 
 
 class TorchvisionDecoder:
-    def __init__(self, pp: Preprocess, device: torch.device | str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 batched_jpeg: bool | None = None):
+    def __init__(
+        self,
+        pp: Preprocess,
+        device: torch.device | str = "cpu",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        batched_jpeg: bool | None = None,
+    ):
         self.pp, self.max_pixels = pp, max_pixels
         self.device = torch.device(device)
         # Decoding JPEGs in one batched call pays on a GPU (nvJPEG); elsewhere it is the same libjpeg.
@@ -174,8 +184,12 @@ class TorchvisionDecoder:
         CPU tensor (resized later on the device); on a CPU device without batching, the final
         uint8 [H, W, 3] array."""
         im = open_checked(data, self.max_pixels)
-        if self.batched_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L") \
-                and im.getexif().get(0x0112, 1) in (0, 1):
+        if (
+            self.batched_jpeg
+            and im.format == "JPEG"
+            and im.mode in ("RGB", "L")
+            and im.getexif().get(0x0112, 1) in (0, 1)
+        ):
             return RawJpeg(data)
         x = decode_full(data)
         if self.device.type == "cpu" and not self.batched_jpeg:
@@ -193,8 +207,11 @@ class TorchvisionDecoder:
         for i, x in zip(raw, decoded):
             if x is None:
                 try:
-                    x = tvio.decode_jpeg(torch.frombuffer(bytearray(items[i].data), dtype=torch.uint8),
-                                         mode=tvio.ImageReadMode.RGB, device=self.device)
+                    x = tvio.decode_jpeg(
+                        torch.frombuffer(bytearray(items[i].data), dtype=torch.uint8),
+                        mode=tvio.ImageReadMode.RGB,
+                        device=self.device,
+                    )
                 except RuntimeError:
                     try:
                         x = decode_full(items[i].data).to(self.device, non_blocking=True)
@@ -216,13 +233,17 @@ class TorchvisionDecoder:
                 src = it.pin_memory() if self.device.type == "cuda" else it
                 out[i] = self.pp.resize_tensor(src.to(self.device, non_blocking=True))
         kept = [x for x in out if x is not None]
-        batch = torch.stack(kept) if kept else torch.zeros((0, 3, *self.pp.size), dtype=torch.uint8,
-                                                           device=self.device)
+        batch = torch.stack(kept) if kept else torch.zeros((0, 3, *self.pp.size), dtype=torch.uint8, device=self.device)
         return batch, errors
 
 
-def make_decoder(name: str, pp: Preprocess, device: torch.device | str = "cpu", jpeg_draft: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoder:
+def make_decoder(
+    name: str,
+    pp: Preprocess,
+    device: torch.device | str = "cpu",
+    jpeg_draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Decoder:
     """The decoder a model spec names (``"pillow"`` or ``"torchvision"``)."""
     if name == "pillow":
         return PillowDecoder(pp, jpeg_draft, max_pixels)

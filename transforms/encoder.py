@@ -23,12 +23,21 @@ class TokenEncoder:
     did not in fact run there.
     """
 
-    def __init__(self, model: LoadedModel, quantization_name: str, device: str = "cpu",
-                 precision: str | None = None, compile: bool = False, batch_size: int | None = None):
+    def __init__(
+        self,
+        model: LoadedModel,
+        quantization_name: str,
+        device: str = "cpu",
+        precision: str | None = None,
+        compile: bool = False,
+        batch_size: int | None = None,
+    ):
         self.quantization = quantization.check_quantization(quantization_name)
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} was requested but torch sees no CUDA GPU here "
-                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+            raise RuntimeError(
+                f"--device {device} was requested but torch sees no CUDA GPU here "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})"
+            )
         if device not in ("cpu",) and not device.startswith("cuda"):
             raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'")
         self.device = torch.device(device)
@@ -53,7 +62,7 @@ class TokenEncoder:
             self._forward = torch.compile(self._forward_eager, dynamic=False)
 
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone.forward_features(x)[:, self.model.num_prefix_tokens:]
+        feats = self.backbone.forward_features(x)[:, self.model.num_prefix_tokens :]
         return self.adapter(feats)
 
     def _to_device(self, batch_u8: np.ndarray) -> torch.Tensor:
@@ -73,8 +82,9 @@ class TokenEncoder:
         local.turn ^= 1
         buf = local.staging[local.turn]
         if buf is None or buf.shape[1:] != x.shape[1:] or buf.shape[0] < x.shape[0]:
-            buf = local.staging[local.turn] = torch.empty((max(x.shape[0], 1),) + tuple(x.shape[1:]),
-                                                          dtype=torch.uint8).pin_memory()
+            buf = local.staging[local.turn] = torch.empty(
+                (max(x.shape[0], 1),) + tuple(x.shape[1:]), dtype=torch.uint8
+            ).pin_memory()
         staging = buf[: x.shape[0]]
         staging.copy_(x)
         return staging.to(self.device, non_blocking=True)
@@ -103,7 +113,7 @@ class TokenEncoder:
         return y[:n].float()
 
     @torch.inference_mode()
-    def start(self, batch) -> "PendingBatch":
+    def start(self, batch) -> PendingBatch:
         """Launch one batch; on CUDA this returns before the GPU is done.
 
         The indexer starts batch k+1 before it finishes batch k, so building a
@@ -125,7 +135,7 @@ class TokenEncoder:
         return PendingBatch(outputs, event)
 
     @staticmethod
-    def finish(pending: "PendingBatch"):
+    def finish(pending: PendingBatch):
         """``(values, scales or None, finite)`` as numpy arrays on the host."""
         if pending.event is not None:
             pending.event.synchronize()

@@ -33,8 +33,9 @@ _ENCODERS = Shared()
 
 def shared_encoder(spec: ModelSpec, settings: IndexSettings, quantization: str) -> TokenEncoder:
     """This process's encoder for (model, device settings, quantization), built on first use."""
-    return _ENCODERS.acquire(lambda: settings.encoder(shared_model(spec), quantization),
-                             tag=(spec, settings, quantization))
+    return _ENCODERS.acquire(
+        lambda: settings.encoder(shared_model(spec), quantization), tag=(spec, settings, quantization)
+    )
 
 
 class IndexShardFn(beam.DoFn):
@@ -54,7 +55,8 @@ class IndexShardFn(beam.DoFn):
         if built.identity_sha256() != self.metadata.identity_sha256():
             raise RuntimeError(
                 "this worker built a different model than the launcher (weights or library versions differ); "
-                "install the same versions of torch/timm on workers, or ship weights files rather than random init")
+                "install the same versions of torch/timm on workers, or ship weights files rather than random init"
+            )
         self.writer = SegmentWriter(Location(self.store), self.metadata)
 
     def process(self, task: ShardTask):
@@ -86,7 +88,9 @@ class IndexShards(beam.PTransform):
             raise ValueError("IndexShards needs at least one shard task")
 
     def expand(self, pbegin):
-        return (pbegin
-                | "ListShards" >> beam.Create(self.tasks)
-                | "SpreadShards" >> beam.Reshuffle()
-                | "IndexShard" >> beam.ParDo(IndexShardFn(self.store, self.metadata, self.spec, self.settings)))
+        return (
+            pbegin
+            | "ListShards" >> beam.Create(self.tasks)
+            | "SpreadShards" >> beam.Reshuffle()
+            | "IndexShard" >> beam.ParDo(IndexShardFn(self.store, self.metadata, self.spec, self.settings))
+        )

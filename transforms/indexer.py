@@ -51,13 +51,13 @@ class IndexSettings:
         return TokenEncoder(model, quantization, self.device, self.precision, self.compile, self.batch_size)
 
 
-def index_shard(task: ShardTask, encoder: TokenEncoder, writer: SegmentWriter,
-                settings: IndexSettings) -> CommitRecord | FailureRecord:
+def index_shard(
+    task: ShardTask, encoder: TokenEncoder, writer: SegmentWriter, settings: IndexSettings
+) -> CommitRecord | FailureRecord:
     """Index one shard into the writer's store; returns its commit (or failure) record."""
     t0 = time.perf_counter()
     spec = encoder.model.spec
-    decoder = make_decoder(spec.decoder, encoder.model.preprocess, encoder.device, spec.jpeg_draft,
-                           settings.max_pixels)
+    decoder = make_decoder(spec.decoder, encoder.model.preprocess, encoder.device, spec.jpeg_draft, settings.max_pixels)
     stats = ShardReadStats()
     clock = Stopwatch()
     prefetch = max(2 * settings.batch_size, 2 * settings.threads())
@@ -72,8 +72,18 @@ def index_shard(task: ShardTask, encoder: TokenEncoder, writer: SegmentWriter,
                 raise  # damage after the shard started is handled inside iter_shard; anything else is a bug
             return writer.fail(task, e)
     read_s = time.perf_counter() - t0
-    return writer.write(task, data, samples_read=stats.samples_read, complete=stats.complete,
-                        incomplete_reason=stats.incomplete_reason, extra_image_members=stats.extra_image_members,
-                        bytes_read=stats.size, sha256=stats.sha256,
-                        timings_s={"read_decode_encode": round(read_s, 4), "encode": round(clock.seconds, 4),
-                                   "total": round(time.perf_counter() - t0, 4)})
+    return writer.write(
+        task,
+        data,
+        samples_read=stats.samples_read,
+        complete=stats.complete,
+        incomplete_reason=stats.incomplete_reason,
+        extra_image_members=stats.extra_image_members,
+        bytes_read=stats.size,
+        sha256=stats.sha256,
+        timings_s={
+            "read_decode_encode": round(read_s, 4),
+            "encode": round(clock.seconds, 4),
+            "total": round(time.perf_counter() - t0, 4),
+        },
+    )

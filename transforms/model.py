@@ -129,8 +129,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         load_adapter_state(adapter, read_state_dict(spec.adapter_weights), spec.adapter_weights)
     elif not spec.random_adapter:
         raise FileNotFoundError(
-            f"no adapter weights: pass --adapter FILE (the authors' checkpoint or a project safetensors), "
-            f"or --random-adapter for tests"
+            "no adapter weights: pass --adapter FILE (the authors' checkpoint or a project safetensors), "
+            "or --random-adapter for tests"
         )
     preprocess = spec.preprocess or Preprocess.from_timm(timm.data.resolve_model_data_config(backbone))
     prefix = int(getattr(backbone, "num_prefix_tokens", 0))

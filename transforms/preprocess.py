@@ -58,8 +58,10 @@ class Preprocess:
             raise ValueError(f"crop_pct must be > 0, got {self.crop_pct!r}")
         if self.resize == "squash" and self.crop_pct != 1.0:
             # "squash" once silently ignored crop_pct; refuse it so no config claims a crop it does not get.
-            raise ValueError(f"resize='squash' takes crop_pct=1.0 (got {self.crop_pct!r}); "
-                             f"'squash_crop' is timm's squash-then-center-crop")
+            raise ValueError(
+                f"resize='squash' takes crop_pct=1.0 (got {self.crop_pct!r}); "
+                f"'squash_crop' is timm's squash-then-center-crop"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -165,15 +167,16 @@ class Preprocess:
         h, w = x.shape[1:]
         nh, nw = self.resized_size(h, w)
         if (nh, nw) != (h, w):
-            y = F.interpolate(x.unsqueeze(0).float(), size=(nh, nw), mode=self.interpolation, antialias=True,
-                              align_corners=False)
+            y = F.interpolate(
+                x.unsqueeze(0).float(), size=(nh, nw), mode=self.interpolation, antialias=True, align_corners=False
+            )
             x = y.round_().clamp_(0, 255).to(torch.uint8)[0]
         if (nh, nw) == (th, tw):
             return x
         (sy, dy, ly), (sx, dx, lx) = self._crop_box(nh, nw)
-        part = x[:, sy:sy + ly, sx:sx + lx]
+        part = x[:, sy : sy + ly, sx : sx + lx]
         if (ly, lx) == (th, tw):
             return part.contiguous()
         out = torch.tensor(self._fill(), dtype=torch.uint8, device=x.device).view(3, 1, 1).expand(3, th, tw).clone()
-        out[:, dy:dy + ly, dx:dx + lx] = part
+        out[:, dy : dy + ly, dx : dx + lx] = part
         return out

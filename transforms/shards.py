@@ -17,8 +17,8 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import fsspec
 from webdataset.tariterators import base_plus_ext
@@ -146,8 +146,11 @@ def _tar_members(fileobj, state: dict) -> Iterator[tuple[str, bytes | None]]:
     state["comptype"] = getattr(stream.fileobj, "comptype", "tar")
     for info in stream:
         name = info.name
-        if info.isreg() and not _META.match(name) and not (
-                "/" not in name and name.startswith("__") and name.endswith("__")):
+        if (
+            info.isreg()
+            and not _META.match(name)
+            and not ("/" not in name and name.startswith("__") and name.endswith("__"))
+        ):
             wanted = _used(name) and info.size <= MAX_MEMBER_BYTES
             yield name, stream.extractfile(info).read() if wanted else None
         stream.members = []
@@ -183,22 +186,48 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
                     raise TypeError(f"field {fieldname!r} is {value!r}, not a string or integer")
                 ident = str(value)
             except Exception as e:  # noqa: BLE001 -- any malformed metadata is a rejection
-                return Rejection(None, names, "read", "bad_id", type(e).__name__, f"no id from json field {fieldname!r}: {e}")
+                return Rejection(
+                    None, names, "read", "bad_id", type(e).__name__, f"no id from json field {fieldname!r}: {e}"
+                )
         if ident is not None and _printable(ident) != ident:
-            return Rejection(None, names, "read", "bad_id", "UnicodeEncodeError",
-                             f"id {_printable(ident)!r} is not valid UTF-8 (tar member names and ids must be UTF-8)")
+            return Rejection(
+                None,
+                names,
+                "read",
+                "bad_id",
+                "UnicodeEncodeError",
+                f"id {_printable(ident)!r} is not valid UTF-8 (tar member names and ids must be UTF-8)",
+            )
         if chosen is None:
-            return Rejection(ident, names, "read", "no_image_member", "NoImageMember",
-                             f"sample {key!r} has no member with an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+            return Rejection(
+                ident,
+                names,
+                "read",
+                "no_image_member",
+                "NoImageMember",
+                f"sample {key!r} has no member with an image extension ({', '.join(IMAGE_EXTENSIONS)})",
+            )
         stats.extra_image_members += sum(1 for e in members if e != chosen and _image_member({e: ""}) is not None)
         if ident in seen:
-            return Rejection(ident, names, "read", "duplicate_id", "DuplicateId",
-                             f"id {ident!r} already used earlier in this shard; the first occurrence is kept")
+            return Rejection(
+                ident,
+                names,
+                "read",
+                "duplicate_id",
+                "DuplicateId",
+                f"id {ident!r} already used earlier in this shard; the first occurrence is kept",
+            )
         seen.add(ident)
         data = datas[members[chosen]]
         if data is None:
-            return Rejection(ident, names, "read", "member_too_large", "MemberTooLarge",
-                             f"image member is larger than {MAX_MEMBER_BYTES} bytes; not read")
+            return Rejection(
+                ident,
+                names,
+                "read",
+                "member_too_large",
+                "MemberTooLarge",
+                f"image member is larger than {MAX_MEMBER_BYTES} bytes; not read",
+            )
         return Sample(ident, key, members[chosen], data)
 
     with fsspec.open(url, "rb") as raw:
@@ -245,8 +274,10 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
             # (or at an end-of-archive marker with more data behind it): data
             # after the point where it stopped means members were skipped.
             stats.complete = False
-            stats.incomplete_reason = (f"the tar stream ended at byte {state['end_offset']} (an invalid header or an "
-                                       f"early end-of-archive marker), but data follows: the "
-                                       f"{reader.size - state['end_offset']} bytes after it were not read")
+            stats.incomplete_reason = (
+                f"the tar stream ended at byte {state['end_offset']} (an invalid header or an "
+                f"early end-of-archive marker), but data follows: the "
+                f"{reader.size - state['end_offset']} bytes after it were not read"
+            )
         stats.size = reader.size
         stats.sha256 = reader.sha.hexdigest()

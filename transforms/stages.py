@@ -17,14 +17,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from edje_indexer.schemas.records import StoreMetadata
 from edje_indexer.schemas.segment import SegmentData
-from edje_indexer.transforms.decoders import DecodeRejected, Decoder
+from edje_indexer.transforms.decoders import Decoder, DecodeRejected
 from edje_indexer.transforms.encoder import TokenEncoder
 from edje_indexer.transforms.shards import Rejection, Sample
 
@@ -111,8 +111,9 @@ class OrderedDecodeMap:
         except cf.TimeoutError:
             if not fut.cancel():
                 self._write_off_stuck_thread()
-            return Rejection(item.id, item.member, "decode", "timeout", "TimeoutError",
-                             f"decoding took longer than {timeout}s")
+            return Rejection(
+                item.id, item.member, "decode", "timeout", "TimeoutError", f"decoding took longer than {timeout}s"
+            )
         except Exception as e:  # noqa: BLE001 -- any decoder failure rejects this image only
             return Rejection(item.id, item.member, "decode", "decode_error", type(e).__name__, str(e) or repr(e))
 
@@ -153,16 +154,23 @@ def fixed_batches(items: Iterable[Decoded | Rejection], size: int) -> Iterator[B
 def _finish(encoder: TokenEncoder, pending, samples: list[Sample]) -> Iterator[EncodedBatch | Rejection]:
     values, scales, finite = encoder.finish(pending)
     for j in np.flatnonzero(~finite):
-        yield Rejection(samples[j].id, samples[j].member, "encode", "non_finite_tokens", "NonFiniteTokens",
-                        f"the model produced NaN/inf tokens (or values beyond {encoder.quantization}'s range)")
+        yield Rejection(
+            samples[j].id,
+            samples[j].member,
+            "encode",
+            "non_finite_tokens",
+            "NonFiniteTokens",
+            f"the model produced NaN/inf tokens (or values beyond {encoder.quantization}'s range)",
+        )
     keep = np.flatnonzero(finite)
     if len(keep) < len(finite):
         values, scales = values[keep], None if scales is None else scales[keep]
     yield EncodedBatch([samples[j].id for j in keep], values, scales)
 
 
-def encode_batches(batches: Iterable[Batch | Rejection], decoder: Decoder, encoder: TokenEncoder,
-                   clock: Stopwatch | None = None) -> Iterator[EncodedBatch | Rejection]:
+def encode_batches(
+    batches: Iterable[Batch | Rejection], decoder: Decoder, encoder: TokenEncoder, clock: Stopwatch | None = None
+) -> Iterator[EncodedBatch | Rejection]:
     """Assemble each batch, start it on the encoder, then finish the one before it.
 
     On a GPU ``start`` returns before the work is done, so assembling batch
@@ -177,8 +185,11 @@ def encode_batches(batches: Iterable[Batch | Rejection], decoder: Decoder, encod
             continue
         with clock:
             batch, errors = decoder.assemble(item.pixels)
-            rejected = [Rejection(s.id, s.member, "decode", "decode_error", type(e).__name__, str(e))
-                        for s, e in zip(item.samples, errors) if e is not None]
+            rejected = [
+                Rejection(s.id, s.member, "decode", "decode_error", type(e).__name__, str(e))
+                for s, e in zip(item.samples, errors)
+                if e is not None
+            ]
             good = [s for s, e in zip(item.samples, errors) if e is None]
             started = (encoder.start(batch), good) if good else None
         yield from rejected
@@ -197,8 +208,15 @@ def encode_batches(batches: Iterable[Batch | Rejection], decoder: Decoder, encod
 
 def rejection_row(shard_url: str, r: Rejection) -> dict:
     """A dead-letter row (schemas.tables.REJECTED_SCHEMA) for one rejection."""
-    return {"id": r.id, "shard": shard_url, "member": r.member, "stage": r.stage, "reason": r.reason,
-            "error_type": r.error_type, "message": r.message[:2000]}
+    return {
+        "id": r.id,
+        "shard": shard_url,
+        "member": r.member,
+        "stage": r.stage,
+        "reason": r.reason,
+        "error_type": r.error_type,
+        "message": r.message[:2000],
+    }
 
 
 @dataclass
