@@ -13,6 +13,7 @@ Used by the read benchmark (``python -m edje_indexer.benchmarks.read``) and the 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import numpy as np
 from edje_indexer.schemas import layout, quantization
 from edje_indexer.schemas.index import load_index, read_commits, write_index
 from edje_indexer.schemas.records import CommitRecord, ModelIdentity, ShardTask, SourceVersion, StoreMetadata
-from edje_indexer.schemas.segment import SegmentData, SegmentWriter
+from edje_indexer.schemas.segment import SegmentData, SegmentWriter, new_attempt_id
 from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.store import create_or_check, new_metadata
 
@@ -85,13 +86,21 @@ def write_segment(
     leaves): readers must not see it, and None is returned.
     """
     source = fingerprint or SourceVersion(int(values.nbytes), hashlib.sha256(shard_url.encode()).hexdigest())
-    task = ShardTask(shard_url, layout.segment_name(shard_url), source)
+    segment = layout.segment_name(shard_url)
+    raw, _ = loc.read_versioned(*layout.commit_path(segment))
+    old = CommitRecord.from_json(json.loads(raw)) if raw else None
+    task = ShardTask(
+        shard_url,
+        segment,
+        source,
+        replaces=old.data_path if old else None,
+        revision=old.revision + 1 if old and old.source.same_version(source) else 0,
+    )
     writer = SegmentWriter(loc, metadata)
     data = SegmentData(list(ids), values, scales)
     if not commit:
-        writer.write_uncommitted(task, data)
+        writer.write_uncommitted(task, data, new_attempt_id())
         return None
-    old = loc.read_json(*layout.commit_path(task.segment)) if loc.exists(*layout.commit_path(task.segment)) else None
     record = writer.write(
         task,
         data,
@@ -99,8 +108,8 @@ def write_segment(
         bytes_read=source.size,
         sha256=hashlib.sha256(f"{shard_url}:{source}".encode()).hexdigest(),
     )
-    if old and old.get("data_path") != task.data_path:
-        loc.remove(old["data_path"])
+    if old and old.data_path != record.data_path:
+        writer.discard(old.data_path)  # no reader of this builder holds the old snapshot
     return record
 
 

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("edje_indexer").setLevel(logging.INFO)  # progress lines; Beam's own chatter stays at WARNING
+    if not args.verbose:  # dask.distributed logs every worker start and stop at INFO
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     if args.command != "index" and rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:

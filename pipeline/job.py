@@ -8,13 +8,14 @@ write the segments they own (transforms/index_shards.py).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from edje_indexer.pipeline.lock import StoreLock
 from edje_indexer.pipeline.maintenance import remove_uncommitted, retire
@@ -54,6 +55,7 @@ class JobConfig:
     lock_wait_s: float = 0.0
     progress_every_s: float = 10.0
     beam_options: PipelineOptions | None = None  # default: FnApiRunner, in-process
+    dask_local_workers: int = 0  # DaskRunner without an address: start a local cluster of this many processes
 
 
 @dataclass
@@ -107,13 +109,55 @@ def _progress(loc: Location, todo: dict[str, ShardTask], stop: threading.Event, 
                 seg = name[:-5]
                 if seg in todo and seg not in seen:
                     rec = CommitRecord.from_json(loc.read_json(layout.COMMITS, name))
-                    if rec.data_path == todo[seg].data_path:
+                    if todo[seg].done_by(rec):
                         seen[seg] = rec.indexed
         except (OSError, ValueError):
             continue
         n = sum(seen.values())
         el = time.perf_counter() - t0
         log.info("progress: %d/%d shards committed, %d images, %.1f images/s", len(seen), len(todo), n, n / el)
+
+
+@contextlib.contextmanager
+def runner_context(opts: PipelineOptions, n_tasks: int, dask_local_workers: int = 0):
+    """What a runner needs around the pipeline run. Beam's DaskRunner: one partition per shard unless the
+    user chose (without ``--dask_npartitions`` its ``Create`` puts every shard in one partition, so one
+    worker runs them all), and a local cluster when asked for (``--dask-local-workers N``)."""
+    runner = opts.view_as(StandardOptions).runner
+    if not str(runner).lower().endswith(("daskrunner", "dask")):
+        if dask_local_workers:
+            raise ValueError("--dask-local-workers needs --runner DaskRunner")
+        yield
+        return
+    import distributed.client
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    dask_opts = opts.view_as(DaskOptions)
+    if not dask_opts.npartitions and not dask_opts.partition_size:
+        dask_opts.npartitions = max(1, n_tasks)
+    before = set(distributed.client._global_clients)
+    with contextlib.ExitStack() as stack:
+        if dask_local_workers and not dask_opts.address:
+            log.info("starting a local dask cluster of %d worker process(es) on 127.0.0.1", dask_local_workers)
+            cluster = stack.enter_context(
+                distributed.LocalCluster(
+                    n_workers=dask_local_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=None,
+                )
+            )
+            dask_opts.address = cluster.scheduler_address
+            stack.callback(setattr, dask_opts, "address", None)
+        try:
+            yield
+        finally:
+            # Beam's DaskRunner opens a Client per run and never closes it (it would keep reconnecting).
+            for key in set(distributed.client._global_clients) - before:
+                client = distributed.client._global_clients.get(key)
+                if client is not None:
+                    client.close()
 
 
 def run_job(cfg: JobConfig) -> JobResult:
@@ -130,7 +174,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     loc = Location(cfg.store)
     with StoreLock(loc).acquire(wait_s=cfg.lock_wait_s) as lock:
         metadata = create_or_check(loc, metadata)
-        the_plan = plan(urls, read_commits(loc), force=cfg.force)
+        the_plan = plan(urls, read_commits(loc), force=cfg.force, job_id=lock.token)
         log.info(
             "plan: %d to index (%d changed), %d already committed",
             len(the_plan.todo),
@@ -143,21 +187,19 @@ def run_job(cfg: JobConfig) -> JobResult:
             stop = threading.Event()
             threading.Thread(target=_progress, args=(loc, todo, stop, cfg.progress_every_s, t0), daemon=True).start()
             try:
-                with beam.Pipeline(options=beam_opts) as p:
-                    _ = p | "IndexShards" >> IndexShards(the_plan.todo, cfg.store, metadata, cfg.spec, cfg.settings)
+                with runner_context(beam_opts, len(the_plan.todo), cfg.dask_local_workers):
+                    with beam.Pipeline(options=beam_opts) as p:
+                        _ = p | "IndexShards" >> IndexShards(the_plan.todo, cfg.store, metadata, cfg.spec, cfg.settings)
             finally:
                 stop.set()
         seconds = time.perf_counter() - t0
         lock.check()  # the store-level writes below need the lock still ours
+        # No attempt of this job may commit from here on, so what is committed now is final and an
+        # uncommitted folder of this job is garbage (a late attempt's lease check fails).
+        lock.close_commits()
         commits = read_commits(loc)
         index = load_index(loc, commits)
-        retired = retire(
-            [
-                t.replaces
-                for t in the_plan.todo
-                if t.replaces and t.segment in commits and commits[t.segment].data_path == t.data_path
-            ]
-        )
+        retired = retire([t.replaces for t in the_plan.todo if t.replaces and t.done_by(commits.get(t.segment))])
         if not index.published or retired:
             index = write_index(loc, index, retired)
         removed = remove_uncommitted(loc, commits, keep=retired)
@@ -166,7 +208,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     committed, failed, not_finished = [], [], []
     for t in the_plan.todo:
         rec = commits.get(t.segment)
-        if rec is not None and rec.data_path == t.data_path:
+        if t.done_by(rec):
             committed.append(rec)
         elif (failure := read_failure(loc, t.segment)) is not None:
             failed.append(failure)

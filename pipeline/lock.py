@@ -1,16 +1,28 @@
-"""One job per store at a time.
+"""One job per store at a time, and the lease its workers commit under.
 
-A job holds ``STORE/_lock`` while it plans, writes and finalizes. On local
-disk the lock is created with O_EXCL (atomic). It records host, pid and a
-heartbeat that the holder refreshes; a lock is stale (and taken over, with a
-warning) when its process is gone on this host, or when its heartbeat is
-older than ``stale_after_s`` (a holder on another machine that died).
+A job holds ``STORE/_lock`` (a :class:`schemas.records.LockRecord`) while it
+plans, writes and finalizes. The lock is created, refreshed, taken over and
+released with compare-and-swap writes (schemas/storage.py): of several
+contenders exactly one wins, and a holder whose lock was taken over finds out
+at its next heartbeat instead of overwriting the new holder's.
 
-Object stores (s3://, gs://): most have no create-if-absent, so two jobs
-started within the same second may both take the lock. There the lock is a
-courtesy, not a guarantee: launch one job per store (commit records and the
-one-writer-per-segment rule still keep the data consistent; only the index
-generation could be written twice, and the later one wins, still complete).
+Its token is the job id: every worker checks, right before committing, that
+the lock still carries it and still accepts commits (schemas/segment.py
+``check_lease``), so a job that lost its lock, or a zombie worker of a job
+that is finalizing, cannot commit. Before the finalize step the holder flips
+the lock to ``phase = "finalizing"`` (:meth:`StoreLock.close_commits`).
+
+A lock is stale, and taken over with a warning, when
+
+* its holder is a process on this machine that is gone: same host name, boot
+  id and pid namespace, and no live process with that pid and start time (a
+  pid alone is ambiguous: containers share host names and pids); or
+* its content did not change while this contender watched it for
+  ``stale_after_s`` on its own monotonic clock (heartbeats of a live holder
+  change it every ``heartbeat_s``; the clocks of other hosts are never
+  compared); on local disk also when the file was last written more than
+  ``stale_after_s`` ago by this machine's clock. An empty or unreadable lock
+  file goes stale the same way.
 """
 
 from __future__ import annotations
@@ -21,8 +33,11 @@ import os
 import socket
 import threading
 import time
+import uuid
+from dataclasses import replace
 
 from edje_indexer.schemas import layout
+from edje_indexer.schemas.records import LockRecord
 from edje_indexer.schemas.storage import Location
 
 log = logging.getLogger(__name__)
@@ -32,14 +47,50 @@ class StoreLocked(RuntimeError):
     pass
 
 
-def _alive(pid: int) -> bool:
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _pid_start(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot), or "" where /proc cannot say."""
+    stat = _read_first_line(f"/proc/{pid}/stat")
+    if not stat:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 counts from the pid; fields after the command name
+
+
+def _alive(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _pid_start(pid)
+    return not (start and now and now != start)  # a reused pid is another process
+
+
+def this_process() -> LockRecord:
+    """A lock record naming this process, with a fresh token."""
+    return LockRecord(
+        token=uuid.uuid4().hex[:16],
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        boot_id=_read_first_line("/proc/sys/kernel/random/boot_id"),
+        pid_namespace=_pid_namespace(),
+        pid_start=_pid_start(os.getpid()),
+    )
 
 
 class StoreLock:
@@ -47,95 +98,99 @@ class StoreLock:
         self.loc = loc
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
+        self.record = this_process()
+        self._version: str | None = None  # of the lock content we wrote last
+        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _payload(self) -> bytes:
-        return json.dumps({**self.info, "heartbeat": time.time()}).encode()
+    @property
+    def token(self) -> str:
+        """The job id (ShardTask.job_id) that workers' commits check."""
+        return self.record.token
 
-    def _is_stale(self, other: dict) -> str | None:
-        if other.get("host") == self.info["host"] and not _alive(int(other.get("pid", -1))):
-            return f"its process {other.get('pid')} on this host is gone"
-        age = time.time() - float(other.get("heartbeat", 0))
-        if age > self.stale_after_s:
-            return f"its heartbeat is {age:.0f}s old"
+    def _payload(self, record: LockRecord) -> bytes:
+        return json.dumps(record.to_json(), sort_keys=True).encode()
+
+    def _holder_gone(self, other: LockRecord) -> str | None:
+        me = self.record
+        same_machine = (
+            other.host == me.host
+            and (not other.boot_id or other.boot_id == me.boot_id)
+            and (not other.pid_namespace or other.pid_namespace == me.pid_namespace)
+        )
+        if same_machine and not _alive(int(other.pid), other.pid_start):
+            return f"its process {other.pid} on this host is gone"
         return None
 
-    def _try_create(self) -> bool:
-        path = self.loc.path(layout.LOCK)
-        if self.loc.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._payload())
-            return True
-        if self.loc.exists(layout.LOCK):
-            return False
-        self.loc.fs.pipe_file(path, self._payload())
-        return True
+    def _local_age(self) -> float | None:
+        if not self.loc.is_local:
+            return None
+        try:
+            return time.time() - os.stat(self.loc.path(layout.LOCK)).st_mtime
+        except OSError:
+            return None
 
     def acquire(self, wait_s: float = 0.0) -> StoreLock:
         deadline = time.monotonic() + wait_s
+        watched: tuple[str | None, float] | None = None  # (version seen, when first seen on our clock)
+        other: LockRecord | None = None
         while True:
-            if self._try_create():
+            mine = replace(self.record, beat=0, heartbeat=time.time())
+            version = self.loc.write_if(self._payload(mine), layout.LOCK, expected=None)  # create-if-absent
+            if version:
                 break
+            raw, seen = self.loc.read_versioned(layout.LOCK)
+            if raw is None:
+                continue  # released in between: try to create it again
             try:
-                other = json.loads(self.loc.read_bytes(layout.LOCK))
-            except (FileNotFoundError, json.JSONDecodeError):
-                other = None  # being created or removed right now: look again
-            if other is not None:
-                why = self._is_stale(other)
-                if why and self._break(other):
+                other = LockRecord.from_json(json.loads(raw))
+            except ValueError:
+                other = None  # empty or unreadable (a holder died while writing it)
+            if watched is None or watched[0] != seen:
+                watched = (seen, time.monotonic())
+            why = self._holder_gone(other) if other else None
+            unchanged = time.monotonic() - watched[1]
+            age = self._local_age()
+            if why is None and unchanged >= self.stale_after_s:
+                why = f"it did not change for {unchanged:.0f} s"
+            if why is None and age is not None and age >= self.stale_after_s:
+                why = f"it was last written {age:.0f} s ago"
+            if why:
+                version = self.loc.write_if(self._payload(mine), layout.LOCK, expected=seen)
+                if version:
                     log.warning("took over a stale lock on %s (%s)", self.loc.url, why)
-                    continue
+                    break
+                continue  # another contender took it first, or the holder beat: look again
             if time.monotonic() >= deadline:
-                holder = f"{other.get('host')} pid {other.get('pid')}" if other else "another job"
+                holder = f"{other.host} pid {other.pid} (job {other.token})" if other else "another job"
                 raise StoreLocked(
                     f"store {self.loc.url} is being written by {holder}; wait for it to finish or pass "
-                    f"--lock-wait SECONDS (if that job is dead, its lock goes stale after {self.stale_after_s:.0f}s)"
+                    f"--lock-wait SECONDS (a lock whose holder is gone goes stale once it has not changed for "
+                    f"{self.stale_after_s:.0f} s while a job waits for it)"
                 )
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(1.0, max(0.01, deadline - time.monotonic())))
+        self.record, self._version = mine, version
         self._thread = threading.Thread(target=self._beat, daemon=True, name="store-lock-heartbeat")
         self._thread.start()
         return self
 
-    def _break(self, stale: dict) -> bool:
-        """Remove the stale lock ``stale``, and only it.
-
-        Locally the lock is first renamed to a name of our own (atomic: of
-        several contenders exactly one gets it), then checked to be the stale
-        one we judged; if another job had just replaced it, it is put back.
-        """
-        if not self.loc.is_local:
-            self.loc.remove(layout.LOCK)
+    def _rewrite(self, **changes) -> bool:
+        """Replace our lock content (compare-and-swap on the content we wrote); False if it is not ours."""
+        with self._write_lock:
+            new = replace(self.record, **changes)
+            version = self.loc.write_if(self._payload(new), layout.LOCK, expected=self._version)
+            if not version:
+                return False
+            self.record, self._version = new, version
             return True
-        path = self.loc.path(layout.LOCK)
-        mine = f"{path}.breaking-{self.info['token']}"
-        try:
-            os.rename(path, mine)
-        except FileNotFoundError:
-            return False  # someone else broke it first
-        with open(mine, "rb") as f:
-            taken = json.loads(f.read() or b"{}")
-        if taken.get("token") == stale.get("token"):
-            os.remove(mine)
-            return True
-        try:  # a live lock: give it back unless a third job holds the name now
-            os.link(mine, path)
-        except FileExistsError:
-            pass
-        os.remove(mine)
-        return False
 
     def lost(self) -> bool:
         """True if the lock file is no longer ours (taken over while we were stalled)."""
+        raw, _ = self.loc.read_versioned(layout.LOCK)
         try:
-            return json.loads(self.loc.read_bytes(layout.LOCK)).get("token") != self.info["token"]
-        except (FileNotFoundError, json.JSONDecodeError):
+            return raw is None or LockRecord.from_json(json.loads(raw)).token != self.token
+        except ValueError:
             return True
 
     def check(self) -> None:
@@ -146,29 +201,32 @@ class StoreLock:
                 "and another job took over); run the command again"
             )
 
+    def close_commits(self) -> None:
+        """From now on no worker of this job may commit (the finalize step may then clean up safely)."""
+        if not self._rewrite(phase="finalizing"):
+            self.check()
+            raise StoreLocked(f"could not mark the lock on {self.loc.url} as finalizing; run the command again")
+
     def _beat(self):
         while not self._stop.wait(self.heartbeat_s):
-            if self.lost():
-                log.error(
-                    "the store lock on %s was taken over by another job; this job will stop before its finalize step",
-                    self.loc.url,
-                )
-                return
             try:
-                self.loc.write_bytes_atomic(self._payload(), layout.LOCK)
-            except OSError as e:
-                log.warning("could not refresh the store lock: %s", e)
+                if not self._rewrite(beat=self.record.beat + 1, heartbeat=time.time()):
+                    log.error(
+                        "the store lock on %s was taken over by another job; this job's workers can no "
+                        "longer commit and it will stop before its finalize step",
+                        self.loc.url,
+                    )
+                    return
+            except (OSError, ValueError) as e:  # a transient error: the next beat tries again
+                log.warning("could not refresh the store lock on %s: %s", self.loc.url, e)
 
     def release(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        try:
-            other = json.loads(self.loc.read_bytes(layout.LOCK))
-            if other.get("token") == self.info["token"]:
-                self.loc.remove(layout.LOCK)
-        except FileNotFoundError:
-            pass
+        with self._write_lock:
+            if self._version is not None:
+                self.loc.remove_if(layout.LOCK, expected=self._version)
 
     def __enter__(self):
         return self

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fsspec
 
 from edje_indexer.schemas import layout
@@ -37,11 +39,35 @@ def find_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=()) -
     return sorted(out)
 
 
+def _committed_now(loc: Location, rel: str) -> bool:
+    """Whether the commit record of the segment ``rel`` belongs to names it, read directly (no listing cache)."""
+    name = rel.rsplit("/", 1)[-1]
+    if rel.startswith(f"{layout.REJECTED}/"):
+        name = name[: -len(".parquet")]
+    segment = layout.data_folder_segment(name)
+    if segment is None:
+        return False
+    raw, _ = loc.read_versioned(*layout.commit_path(segment))
+    if raw is None:
+        return False
+    try:
+        data_path = CommitRecord.from_json(json.loads(raw)).data_path
+    except ValueError:
+        return True  # an unreadable commit: keep everything of its segment for verify to report
+    return data_path.rsplit("/", 1)[-1] == name
+
+
 def remove_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=()) -> list[str]:
-    leftovers = find_uncommitted(loc, commits, keep)
-    for rel in leftovers:
+    """Remove what :func:`find_uncommitted` finds. Only the launcher of a job whose workers can no longer
+    commit (StoreLock.close_commits), or a command holding the lock, may call this; each folder's
+    commit record is read again right before the folder is removed."""
+    removed = []
+    for rel in find_uncommitted(loc, commits, keep):
+        if _committed_now(loc, rel):
+            continue
         loc.remove(*rel.split("/"))
-    return leftovers
+        removed.append(rel)
+    return removed
 
 
 def missing_sources(commits: dict[str, CommitRecord]) -> list[str]:

@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 # FnApiRunner is Beam's in-process runner; naming it avoids DirectRunner's
 # attempt to download the Prism binary first.
 DEFAULT_RUNNER = "FnApiRunner"
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 EPILOG = """Any other --flags are Beam pipeline options and pass through, e.g.
   --runner DataflowRunner --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
@@ -69,6 +70,13 @@ class IndexOptions(PipelineOptions):
         p.add_argument("--force", action="store_true", help="re-index shards even if committed")
         p.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another job's store lock")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.add_argument(
+            "--dask-local-workers",
+            type=int,
+            default=0,
+            help="with --runner DaskRunner and no --dask_client_address: start a local dask.distributed "
+            "cluster of N worker processes on 127.0.0.1 for this job",
+        )
 
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,8 +85,26 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def _wants_dask(argv: list[str]) -> bool:
+    for i, a in enumerate(argv):
+        value = (
+            a.split("=", 1)[1]
+            if a.startswith("--runner=")
+            else argv[i + 1]
+            if a == "--runner" and i + 1 < len(argv)
+            else None
+        )
+        if value is not None and value.lower().rsplit(".", 1)[-1] in ("dask", "daskrunner"):
+            return True
+    return False
+
+
 def pipeline_options(argv: list[str]) -> PipelineOptions:
     """All of ``argv`` as pipeline options; unknown flags are an error (Beam itself only warns)."""
+    if _wants_dask(argv):
+        # DaskRunner's options (--dask_client_address, --dask_npartitions, ...) exist once its module is imported.
+        from apache_beam.runners.dask.dask_runner import DaskOptions  # noqa: F401
+
     opts = PipelineOptions(argv)
     known = set(opts.get_all_options(retain_unknown_options=False))
     unknown = sorted(set(opts.get_all_options(retain_unknown_options=True)) - known)
@@ -88,8 +114,11 @@ def pipeline_options(argv: list[str]) -> PipelineOptions:
             f"unknown option(s) {flags}: neither an edje-index flag nor a Beam pipeline "
             f"option (see 'edje-index index --help')"
         )
-    if not opts.view_as(StandardOptions).runner:
-        opts.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    standard = opts.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = DEFAULT_RUNNER
+    elif standard.runner.lower() in ("dask", "daskrunner"):  # Beam knows it only by its full name
+        standard.runner = DASK_RUNNER
     return opts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import fsspec
@@ -24,12 +25,21 @@ def _split_top_level_commas(pattern: str) -> list[str]:
     return parts + [pattern[start:]]
 
 
+def canonical_url(url: str) -> str:
+    """A shard's location as the job records it: relative local paths become absolute and normalised
+    (``file://`` URLs and other URLs stay as they are; layout.segment_name treats ``file://x`` as ``x``)."""
+    if "://" in url:
+        return url
+    return os.path.normpath(os.path.abspath(os.path.expanduser(url)))
+
+
 def expand_pattern(pattern: str) -> list[str]:
-    """Comma lists, brace ranges, globs; local paths or fsspec URLs. Sorted, unique.
+    """Comma lists, brace ranges, globs; local paths or fsspec URLs. Canonical, sorted, unique.
 
     Literal names that do not exist are kept (they are reported as failed
     shards, so a missing shard is visible, not silently skipped); a glob that
-    matches nothing contributes nothing.
+    matches nothing contributes nothing. A glob, a brace pattern and a comma
+    list naming the same files give the same URLs (see :func:`canonical_url`).
     """
     urls: list[str] = []
     for part in (p.strip() for p in _split_top_level_commas(pattern)):
@@ -43,7 +53,7 @@ def expand_pattern(pattern: str) -> list[str]:
                 urls += [proto + m if proto else m for m in matches if not fs.isdir(m)]
             else:
                 urls.append(name)
-    return sorted(dict.fromkeys(urls))
+    return sorted(dict.fromkeys(canonical_url(u) for u in urls))
 
 
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "last_modified", "updated", "mtime")
@@ -75,15 +85,25 @@ class Plan:
     missing_from_corpus: list[str] = field(default_factory=list)  # committed shards the pattern no longer names
 
 
-def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False) -> Plan:
+def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False, job_id: str = "") -> Plan:
+    """What to do for each of ``urls`` (canonical, from :func:`expand_pattern`) given the commits.
+
+    A shard is matched to its commit by segment name, or (stores whose
+    shards were named before URLs were made canonical) by the recorded shard
+    URL made absolute from the current directory, so such a shard keeps its
+    segment instead of being indexed twice.
+    """
     out = Plan()
+    by_url = {layout.shard_key(canonical_url(c.shard)): s for s, c in commits.items()}
     segments = set()
     for url in urls:
         seg = layout.segment_name(url)
+        if seg not in commits and layout.shard_key(url) in by_url:
+            seg = by_url[layout.shard_key(url)]
         segments.add(seg)
         fp = fingerprint(url)
-        task = ShardTask(url, seg, fp)
         old = commits.get(seg)
+        task = ShardTask(url, seg, fp, job_id=job_id)
         if old is not None:
             same = old.source.same_version(fp)
             if same and not force:
@@ -91,10 +111,8 @@ def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False)
                 continue
             if not same:
                 out.changed.append(url)
-            revision = 0
-            if old.data_path.startswith(task.data_path):  # same source: a new folder, never the committed one
-                revision = old.revision + 1
-            task = ShardTask(url, seg, fp, revision, replaces=old.data_path)
+            # an unchanged source re-indexed (--force) gets the next revision; a new folder either way
+            task = ShardTask(url, seg, fp, old.revision + 1 if same else 0, replaces=old.data_path, job_id=job_id)
         out.todo.append(task)
     out.missing_from_corpus = sorted(c.shard for s, c in commits.items() if s not in segments)
     return out

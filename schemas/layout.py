@@ -16,17 +16,20 @@
       index/ids-<gen>.parquet      id -> (segment, row), sorted by id (schemas.tables.INDEX_SCHEMA)
       index/duplicates-<gen>.parquet  every id stored more than once
       _lock                        held by a running job (see pipeline/lock.py)
+      .cas/                        local disk only: flock files that serialise compare-and-swap writes
 
 Names:
 
-* ``<segment>`` is the shard's file stem plus a hash of its full URL, so the
-  same shard always maps to the same segment (retries overwrite, never add).
+* ``<segment>`` is the shard's file stem plus a hash of its canonical URL
+  (local paths made absolute: pipeline/plan.py), so the same shard always
+  maps to the same segment, however the pattern named it.
 * ``<source>`` is a hash of the shard's source fingerprint (size, and mtime
   on local disk or the ETag/checksum on object stores), plus ``.r<N>`` when a
-  shard is re-indexed from an unchanged source (``--force``). A new version is
-  always written to a new data folder (and dead-letter table); its commit
-  record is then replaced atomically, so readers see either the old rows or
-  the new ones, and a crash while writing never touches committed data.
+  shard is re-indexed from an unchanged source (``--force``), plus
+  ``.<job>-<attempt>``: every attempt writes its own data folder (and
+  dead-letter table), and commits by a compare-and-swap of the commit record
+  (schemas/segment.py), so exactly one attempt of a shard wins, readers see
+  either the old rows or the new ones, and nothing ever writes into committed data.
   Superseded versions stay one job longer (listed as ``retired`` in
   index/CURRENT.json) so that readers holding the previous snapshot keep
   working; the next job's finalize step deletes them.
@@ -74,15 +77,47 @@ def shard_stem(url: str) -> str:
     return stem
 
 
+def shard_key(shard_url: str) -> str:
+    """What names a shard's segment: its URL, with ``file://`` dropped (a local path is a local path)."""
+    return shard_url[len("file://") :] if shard_url.startswith("file://") else shard_url
+
+
 def segment_name(shard_url: str) -> str:
-    """Deterministic segment name of an input shard."""
+    """Deterministic segment name of an input shard (``shard_url`` canonical: pipeline/plan.py)."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", shard_stem(shard_url))[:80] or "shard"
-    return f"{stem}-{short_hash(shard_url)}"
+    return f"{stem}-{short_hash(shard_key(shard_url))}"
 
 
-def segment_data_path(segment: str, source, revision: int = 0) -> str:
-    """Relative path of the data group of one version of a shard (``source``: a records.SourceVersion)."""
-    return f"{SEGMENTS}/{segment}.{short_hash(source.key(), 12)}" + (f".r{revision}" if revision else "")
+def segment_data_path(
+    segment: str, source, revision: int = 0, job: str | None = None, attempt: str | None = None
+) -> str:
+    """Relative path of the data group one attempt writes (``source``: a records.SourceVersion).
+
+    ``<segment>.<source hash>[.r<revision>].<job>-<attempt>`` (job ``0``: a
+    writer outside any job, e.g. the benchmarks): every attempt writes its own folder, so no attempt can touch data that
+    another one wrote or committed. (Stores written before attempts had
+    folders of their own name them without the ``.<job>-<attempt>`` part.)
+    """
+    name = f"{SEGMENTS}/{segment}.{short_hash(source.key(), 12)}" + (f".r{revision}" if revision else "")
+    return name + (f".{job or '0'}-{attempt}" if attempt else "")
+
+
+_DATA_FOLDER = re.compile(
+    r"^(?P<segment>[^.]+)\.(?P<source>[0-9a-f]{12})(\.r(?P<revision>\d+))?"
+    r"(\.(?P<job>[0-9a-f]+)-(?P<attempt>[0-9a-f]+))?$"
+)
+
+
+def data_folder_segment(name: str) -> str | None:
+    """The segment a data folder (or its dead-letter table's stem) belongs to, or None for foreign names."""
+    m = _DATA_FOLDER.match(name)
+    return m.group("segment") if m else None
+
+
+def data_folder_job(name: str) -> str | None:
+    """The job id in a data folder's name (``segments/<name>``), or None (older stores, foreign names)."""
+    m = _DATA_FOLDER.match(name)
+    return m.group("job") if m else None
 
 
 def commit_path(segment: str) -> tuple[str, str]:

@@ -89,7 +89,12 @@ class ModelIdentity(_Record):
 
     @classmethod
     def from_json(cls, d: dict) -> ModelIdentity:
-        return cls(**_fields_of(cls, d))  # versioned by the metadata that holds it
+        if not isinstance(d, dict):  # versioned by the metadata that holds it
+            raise ValueError(f"malformed model identity: {str(d)[:80]!r}")
+        try:
+            return cls(**_fields_of(cls, d))
+        except TypeError as e:
+            raise ValueError(f"malformed model identity: {e}") from None
 
 
 # Store metadata fields that must match for a job to write into a store.
@@ -116,7 +121,10 @@ class StoreMetadata(_Record):
         if not isinstance(d, dict) or "model" not in d:
             raise ValueError(f"malformed store metadata: {str(d)[:80]!r}")
         check_schema_version(d, cls.WHAT)
-        return cls(**{**_fields_of(cls, d), "model": ModelIdentity.from_json(d["model"])})
+        try:
+            return cls(**{**_fields_of(cls, d), "model": ModelIdentity.from_json(d["model"])})
+        except TypeError as e:  # a required field missing
+            raise ValueError(f"malformed store metadata: {e}") from None
 
     @property
     def tokens_per_image(self) -> int:
@@ -168,14 +176,18 @@ class ShardTask:
     url: str
     segment: str
     source: SourceVersion  # the version planned; recorded in the commit
-    revision: int = 0  # > 0: re-indexing an unchanged source; never overwrite committed data
-    replaces: str | None = None  # data_path of the committed version this task supersedes
+    revision: int = 0  # > 0: re-indexing an unchanged source (--force)
+    replaces: str | None = None  # data_path of the committed version this task supersedes (None: first commit)
+    job_id: str = ""  # the launcher's store-lock token: the lease every commit of this job checks
 
-    @property
-    def data_path(self) -> str:
+    def data_path(self, attempt: str) -> str:
         from edje_indexer.schemas.layout import segment_data_path
 
-        return segment_data_path(self.segment, self.source, self.revision)
+        return segment_data_path(self.segment, self.source, self.revision, self.job_id or None, attempt)
+
+    def done_by(self, record: CommitRecord | None) -> bool:
+        """Whether ``record`` already commits what this task is asked to index (same source, same revision)."""
+        return record is not None and record.source.same_version(self.source) and record.revision == self.revision
 
 
 @dataclass(frozen=True)
@@ -214,6 +226,9 @@ class CommitRecord(_Record):
     timings_s: dict
     software_version: str
     revision: int = 0
+    job_id: str = ""  # the job (store-lock token) whose attempt committed this; "" before attempts had ids
+    attempt: str = ""
+    writer: dict = field(default_factory=dict)  # host and pid of the process that wrote the data
     extra_image_members: int = 0
     incomplete_reason: str | None = None
     committed_at: str = field(default_factory=utc_now)
@@ -274,6 +289,30 @@ class IndexPointer(_Record):
     retired: list = field(default_factory=list)  # superseded data kept one job longer for open readers
     images: int = 0
     duplicates_count: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class LockRecord(_Record):
+    """``STORE/_lock``: the job holding the store, and the lease its workers' commits check.
+
+    ``beat`` grows with every heartbeat, so a contender judges staleness on its
+    own clock by watching it not change (clocks of other hosts are not compared).
+    ``host``, ``boot_id``, ``pid_namespace``, ``pid`` and ``pid_start`` together
+    say which process holds it: a pid alone is ambiguous across containers.
+    """
+
+    WHAT: ClassVar[str] = "store lock"
+
+    token: str  # the job id; ShardTask.job_id
+    host: str
+    pid: int
+    boot_id: str = ""
+    pid_namespace: str = ""
+    pid_start: str = ""
+    beat: int = 0
+    heartbeat: float = 0.0  # the holder's wall clock at its last beat (for people; never compared)
+    phase: str = "running"  # "finalizing": workers may no longer commit
     schema_version: int = SCHEMA_VERSION
 
 

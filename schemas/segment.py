@@ -6,6 +6,18 @@ is what a job writes, by construction. Order matters: data first, dead
 letters second, the commit record last. A segment without a commit record is
 invisible to readers and re-runs.
 
+Every attempt is harmless (runners execute a shard at least once, sometimes
+twice at the same time):
+
+* each attempt writes a data folder of its own (``task.data_path(attempt)``);
+* an attempt whose task is already committed returns that record unwritten;
+* the commit is a compare-and-swap of ``commits/<segment>.json`` from the
+  state the job planned against (``task.replaces``): of two attempts that
+  both finish, exactly one wins, and the other removes only its own folder;
+* before committing, the attempt checks its job's lease (the store lock still
+  held by ``task.job_id`` and not finalizing), so a job that lost its lock
+  (or a zombie worker of a finished job) cannot commit.
+
 Checksums recorded at commit (``verify --deep`` recomputes them): tokens and
 scales are the sha256 of the stored bytes; ids the sha256 of each UTF-8 id
 followed by a NUL byte.
@@ -16,8 +28,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import json
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +42,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from edje_indexer.schemas import layout, quantization, tables
-from edje_indexer.schemas.records import CommitRecord, FailureRecord, ShardTask, Source, StoreMetadata
+from edje_indexer.schemas.records import CommitRecord, FailureRecord, LockRecord, ShardTask, Source, StoreMetadata
 from edje_indexer.schemas.storage import Location
 
 log = logging.getLogger(__name__)
@@ -59,6 +75,30 @@ class SegmentData:
         dtype = np.dtype(metadata.token_encoding["tokens_dtype"])
         scales = np.zeros((0, m), np.float16) if metadata.quantization == "int8" else None
         return cls([], np.zeros((0, m, d), dtype), scales)
+
+
+class LeaseLost(RuntimeError):
+    """The job this attempt belongs to no longer holds the store (or is finalizing): do not commit."""
+
+
+class CommitConflict(RuntimeError):
+    """The segment's commit changed since the job planned (another job wrote it): this attempt stands down."""
+
+
+def check_lease(loc: Location, job_id: str) -> None:
+    """Raise LeaseLost unless ``job_id`` holds the store lock and still accepts commits."""
+    try:
+        lock = LockRecord.from_json(loc.read_json(layout.LOCK))
+    except (FileNotFoundError, ValueError) as e:
+        raise LeaseLost(f"job {job_id} no longer holds {loc.url} (no readable lock: {e})") from None
+    if lock.token != job_id:
+        raise LeaseLost(f"job {job_id} lost the lock on {loc.url} to job {lock.token}; this attempt does not commit")
+    if lock.phase != "running":
+        raise LeaseLost(f"job {job_id} is {lock.phase}: it accepts no more commits")
+
+
+def new_attempt_id() -> str:
+    return uuid.uuid4().hex[:8]
 
 
 class SegmentWriter:
@@ -117,11 +157,22 @@ class SegmentWriter:
         pq.write_table(table, buf)
         self.loc.write_bytes_atomic(buf.getvalue(), *layout.rejected_path(data_path))
 
-    def write_uncommitted(self, task: ShardTask, data: SegmentData) -> dict:
-        """The segment's arrays and dead letters, no commit record (invisible); returns the checksums."""
-        checksums = self._write_arrays(task.data_path, data)
-        self._write_rejected(task.data_path, data.rejected)
+    def write_uncommitted(self, task: ShardTask, data: SegmentData, attempt: str) -> dict:
+        """The attempt's arrays and dead letters, no commit record (invisible); returns the checksums."""
+        checksums = self._write_arrays(task.data_path(attempt), data)
+        self._write_rejected(task.data_path(attempt), data.rejected)
         return checksums
+
+    def committed(self, task: ShardTask) -> CommitRecord | None:
+        """The commit record of ``task`` if some attempt already committed it (read from the store, not a cache)."""
+        raw, _ = self.loc.read_versioned(*layout.commit_path(task.segment))
+        record = CommitRecord.from_json(json.loads(raw)) if raw else None
+        return record if task.done_by(record) else None
+
+    def discard(self, data_path: str) -> None:
+        """Remove one attempt's own, uncommitted data (never anything a commit names)."""
+        self.loc.remove(*data_path.split("/"))
+        self.loc.remove(*layout.rejected_path(data_path))
 
     def write(
         self,
@@ -136,18 +187,19 @@ class SegmentWriter:
         sha256: str | None = None,
         timings_s: dict | None = None,
     ) -> CommitRecord:
-        """Write the segment's data and dead letters, then commit it; returns the commit record."""
+        """Write one attempt's data and dead letters, then commit it; returns the winning commit record."""
         from edje_indexer import __version__
 
+        attempt = new_attempt_id()
         t0 = time.perf_counter()
-        checksums = self.write_uncommitted(task, data)
+        checksums = self.write_uncommitted(task, data, attempt)
         write_s = time.perf_counter() - t0
         by_reason = collections.Counter(r["reason"] for r in data.rejected)
         timings = {**(timings_s or {}), "write": round(write_s, 4)}
         timings["total"] = round(timings.get("total", 0.0) + write_s, 4)
         record = CommitRecord(
             segment=task.segment,
-            data_path=task.data_path,
+            data_path=task.data_path(attempt),
             revision=task.revision,
             shard=task.url,
             source=Source(task.source.size, task.source.version, bytes_read, sha256),
@@ -165,19 +217,60 @@ class SegmentWriter:
             token_bytes=int(data.values.nbytes + (0 if data.scales is None else data.scales.nbytes)),
             timings_s=timings,
             software_version=__version__,
+            job_id=task.job_id,
+            attempt=attempt,
+            writer={"host": socket.gethostname(), "pid": os.getpid()},
         )
         if record.accounting_error():
+            self.discard(record.data_path)
             raise RuntimeError(f"accounting error in {task.url}: {record.accounting_error()}")
-        self.loc.write_json_atomic(record.to_json(), *layout.commit_path(task.segment))  # the commit point
+        winner = self.commit(task, record)
+        if winner is record:
+            log.info(
+                "committed %s: %d indexed, %d rejected, %.1f images/s",
+                task.url,
+                record.indexed,
+                record.rejected,
+                record.indexed / max(timings["total"], 1e-9),
+            )
+        return winner
+
+    def commit(self, task: ShardTask, record: CommitRecord) -> CommitRecord:
+        """Make ``record`` the segment's commit unless another attempt got there first (see the module doc);
+        returns the record that is committed now."""
+        where = layout.commit_path(task.segment)
+        raw, version = self.loc.read_versioned(*where)
+        while True:
+            current = CommitRecord.from_json(json.loads(raw)) if raw else None
+            if task.done_by(current):  # a twin attempt won: stand down, removing only our own folder
+                self.discard(record.data_path)
+                log.info(
+                    "%s: another attempt committed first (%s); this one's data is discarded",
+                    task.url,
+                    current.data_path,
+                )
+                return current
+            if (current.data_path if current else None) != task.replaces:
+                self.discard(record.data_path)
+                raise CommitConflict(
+                    f"the commit of {task.url} changed since the job planned (now "
+                    f"{current.data_path if current else 'absent'}, planned "
+                    f"{task.replaces or 'absent'}); run the job again"
+                )
+            if task.job_id:
+                try:
+                    check_lease(self.loc, task.job_id)
+                except LeaseLost:
+                    self.discard(record.data_path)
+                    raise
+            if not self.loc.exists(record.data_path, layout.TOKENS, "zarr.json"):
+                raise RuntimeError(f"the data of this attempt ({record.data_path}) disappeared before its commit")
+            payload = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
+            if self.loc.write_if(payload, *where, expected=version):
+                break  # the commit point
+            raw, version = self.loc.read_versioned(*where)  # another writer changed it: look at what won
         self.loc.remove(*layout.failed_path(task.segment))
         # A superseded version stays until the next job's finalize (pipeline/maintenance.py).
-        log.info(
-            "committed %s: %d indexed, %d rejected, %.1f images/s",
-            task.url,
-            record.indexed,
-            record.rejected,
-            record.indexed / max(timings["total"], 1e-9),
-        )
         return record
 
     def fail(self, task: ShardTask, error: BaseException) -> FailureRecord:

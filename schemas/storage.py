@@ -7,10 +7,20 @@ the rules about atomic publication live in one place:
   and ``os.replace``-ing it (atomic on POSIX);
 * on object stores (s3://, gs://, ...), a single PUT is already atomic: an
   object is either absent or complete, so it is written directly.
+
+Records that several writers may race for (commit records, the store lock)
+use :meth:`Location.read_versioned` and :meth:`Location.write_if`: a
+compare-and-swap (create-if-absent when nothing is expected). On a local
+filesystem the compare and the swap run under an exclusive ``flock`` of a
+file in the store's ``.cas/`` folder (one host; the flock is released if the
+process dies); other backends are in schemas/conditional.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import uuid
@@ -19,6 +29,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+CAS_FOLDER = ".cas"  # flock files of local compare-and-swap (schemas/layout.py)
 
 
 @dataclass(frozen=True)
@@ -95,3 +107,62 @@ class Location:
         if not self.fs.exists(p):
             return 0
         return int(self.fs.du(p, total=True))
+
+    # -- compare-and-swap ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _local_guard(self, target: str):
+        """Exclusive flock of ``.cas/<record path>`` in this location (serialises CAS on this host)."""
+        rel = target[len(self.root) + 1 :] if target.startswith(self.root + "/") else target.lstrip("/")
+        guard_dir = f"{self.root}/{CAS_FOLDER}"
+        os.makedirs(guard_dir, exist_ok=True)
+        fd = os.open(f"{guard_dir}/{rel.replace('/', '%')}", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def read_versioned(self, *parts: str) -> tuple[bytes | None, str | None]:
+        """``(content, version)`` of a record, ``(None, None)`` if absent. ``version`` is opaque:
+        pass it to :meth:`write_if` to replace exactly this content."""
+        if not self.is_local:
+            from edje_indexer.schemas import conditional
+
+            return conditional.read_versioned(self, self.path(*parts))
+        try:
+            with open(self.path(*parts), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, data: bytes, *parts: str, expected: str | None) -> str | None:
+        """Write ``data`` if the record is absent (``expected`` None) or still at version ``expected``.
+
+        Returns the new version, or None (nothing written) if another writer got there first."""
+        if not self.is_local:
+            from edje_indexer.schemas import conditional
+
+            return conditional.write_if(self, self.path(*parts), data, expected)
+        target = self.path(*parts)
+        with self._local_guard(target):
+            _, current = self.read_versioned(*parts)
+            if current != expected:
+                return None
+            self.write_bytes_atomic(data, *parts)
+            return hashlib.sha256(data).hexdigest()
+
+    def remove_if(self, *parts: str, expected: str) -> bool:
+        """Delete the record if it is still at version ``expected``."""
+        if not self.is_local:
+            from edje_indexer.schemas import conditional
+
+            return conditional.remove_if(self, self.path(*parts), expected)
+        target = self.path(*parts)
+        with self._local_guard(target):
+            _, current = self.read_versioned(*parts)
+            if current != expected:
+                return False
+            os.remove(target)
+            return True

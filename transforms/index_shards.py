@@ -24,7 +24,7 @@ from edje_indexer.schemas.segment import SegmentWriter
 from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.store import new_metadata
 from edje_indexer.transforms.encoder import TokenEncoder
-from edje_indexer.transforms.indexer import IndexSettings, index_shard
+from edje_indexer.transforms.indexer import IndexSettings, index_shard_retrying
 from edje_indexer.transforms.model import ModelSpec, shared_model
 
 # Process-wide, so that a process keeps its encoder across jobs and DoFn instances.
@@ -61,7 +61,7 @@ class IndexShardFn(beam.DoFn):
 
     def process(self, task: ShardTask):
         t = time.perf_counter()
-        rec = index_shard(task, self.encoder, self.writer, self.settings)
+        rec = index_shard_retrying(task, self.encoder, self.writer, self.settings)
         if getattr(rec, "failed", False):
             self.failed.inc()
         else:

@@ -9,6 +9,7 @@ cannot be read at all into a failure record, so a runner never retries bad data.
 
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 import time
@@ -20,6 +21,11 @@ from edje_indexer.transforms.decoders import DEFAULT_MAX_PIXELS, make_decoder
 from edje_indexer.transforms.encoder import PRECISIONS, TokenEncoder
 from edje_indexer.transforms.shards import ShardReadStats, iter_shard
 from edje_indexer.transforms.stages import OrderedDecodeMap, Stopwatch, collect, encode_batches, fixed_batches
+
+log = logging.getLogger(__name__)
+
+# Errors that say a shard cannot be used at all (not that reading it failed this time): a failure record.
+UNUSABLE_SHARD = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, tarfile.TarError, EOFError)
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,13 @@ class IndexSettings:
     device: str = "cpu"
     precision: str | None = None  # default: bf16 on cuda, fp32 on cpu
     compile: bool = False
+    shard_attempts: int = 3  # tries per shard in one job when reading fails transiently (runners may retry more)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.decode_threads < 0:
             raise ValueError("--batch-size must be at least 1 and --decode-threads at least 0 (0: one per core)")
+        if self.shard_attempts < 1:
+            raise ValueError("shard_attempts must be at least 1")
         if self.decode_timeout_s <= 0:
             raise ValueError("--decode-timeout must be positive")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -54,7 +63,17 @@ class IndexSettings:
 def index_shard(
     task: ShardTask, encoder: TokenEncoder, writer: SegmentWriter, settings: IndexSettings
 ) -> CommitRecord | FailureRecord:
-    """Index one shard into the writer's store; returns its commit (or failure) record."""
+    """Index one shard into the writer's store; returns its commit (or failure) record.
+
+    An attempt whose task some attempt already committed returns that record
+    without reading anything. A shard that cannot be used at all (missing,
+    unreadable, not a tar) gets a failure record; a transient error (the
+    connection dropped, :class:`SourceReadError`) propagates, so the attempt
+    fails and is retried, and nothing of it is committed.
+    """
+    done = writer.committed(task)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     spec = encoder.model.spec
     decoder = make_decoder(spec.decoder, encoder.model.preprocess, encoder.device, spec.jpeg_draft, settings.max_pixels)
@@ -67,7 +86,7 @@ def index_shard(
             samples = iter_shard(task.url, writer.metadata.id_policy, stats)
             encoded = encode_batches(fixed_batches(decode(samples), settings.batch_size), decoder, encoder, clock)
             data = collect(encoded, task.url, writer.metadata)
-        except (OSError, EOFError, tarfile.TarError) as e:
+        except UNUSABLE_SHARD as e:
             if stats.samples_read:
                 raise  # damage after the shard started is handled inside iter_shard; anything else is a bug
             return writer.fail(task, e)
@@ -87,3 +106,35 @@ def index_shard(
             "total": round(time.perf_counter() - t0, 4),
         },
     )
+
+
+RETRY_WAIT_S = (1.0, 4.0, 16.0)
+
+
+def index_shard_retrying(
+    task: ShardTask, encoder: TokenEncoder, writer: SegmentWriter, settings: IndexSettings, sleep=time.sleep
+) -> CommitRecord | FailureRecord:
+    """:func:`index_shard`, with up to ``settings.shard_attempts`` attempts when reading fails transiently.
+
+    Runners retry failed bundles too (Dataflow: 4 times), but the local ones and
+    Dask do not; each try is a new attempt with a folder of its own, so a retry
+    can never meet a half-written earlier one.
+    """
+    for n in range(1, settings.shard_attempts + 1):
+        try:
+            return index_shard(task, encoder, writer, settings)
+        except OSError as e:  # transient: UNUSABLE_SHARD errors became failure records inside
+            if n == settings.shard_attempts:
+                raise
+            wait = RETRY_WAIT_S[min(n - 1, len(RETRY_WAIT_S) - 1)]
+            log.warning(
+                "shard %s: attempt %d of %d failed (%s: %s); retrying in %.0f s",
+                task.url,
+                n,
+                settings.shard_attempts,
+                type(e).__name__,
+                e,
+                wait,
+            )
+            sleep(wait)
+    raise AssertionError("unreachable")

@@ -17,6 +17,7 @@ import io
 import json
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,6 +69,13 @@ class ShardReadStats:
     sha256: str | None = None
 
 
+class SourceReadError(OSError):
+    """Reading the shard's bytes failed (a dropped connection, an I/O error): transient, not damage.
+
+    The attempt fails and is retried; only damage in the data itself (a bad
+    tar header, a truncated gzip stream) ends a shard as "incomplete"."""
+
+
 class _HashingReader(io.RawIOBase):
     """Counts and hashes the raw bytes of a shard as tarfile streams them."""
 
@@ -83,7 +91,10 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def read(self, n=-1):
-        b = self._f.read(n)
+        try:
+            b = self._f.read(n)
+        except OSError as e:
+            raise SourceReadError(f"reading the shard failed after {self.size} bytes: {type(e).__name__}: {e}") from e
         if b:
             self.sha.update(b)
             used = len(b.rstrip(b"\0"))
@@ -160,9 +171,11 @@ def _tar_members(fileobj, state: dict) -> Iterator[tuple[str, bytes | None]]:
 def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Sample | Rejection]:
     """Yield the samples of one shard in order, and a Rejection for each bad one.
 
-    Raises ``OSError``/``tarfile.ReadError`` only when the shard cannot be
-    opened or is not a tar at all; damage after the first member ends the
-    shard early with ``stats.complete = False``.
+    Raises ``OSError``/``tarfile.ReadError`` when the shard cannot be opened
+    or is not a tar at all, and :class:`SourceReadError` when reading its
+    bytes fails part-way (transient: the attempt is retried). Damage in the
+    data after the first member ends the shard early with
+    ``stats.complete = False``.
     """
     check_id_policy(id_policy)
     stem = shard_stem(url)
@@ -250,20 +263,20 @@ def iter_shard(url: str, id_policy: str, stats: ShardReadStats) -> Iterator[Samp
                     current, members, datas = key, {}, {}
                 members[ext] = name
                 datas[name] = data
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except SourceReadError:
+            raise  # transient: this attempt fails, a retry reads the whole shard
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             if not state.get("opened"):
                 raise  # not a tar at all, or unreadable: a failed shard
-            errors.append(e)  # damage after the first header: the shard ends here, incomplete
+            # damage after the first header (decompressors report it as OSError/EOFError): the shard ends here
+            errors.append(e)
         if errors:
             stats.complete = False
             stats.incomplete_reason = f"{type(errors[0]).__name__}: {errors[0]}"
         if current is not None:
             # After damage, the last sample holds only the members read in full.
             yield finish(current, members, datas)
-        try:
-            reader.drain()
-        except OSError:
-            pass
+        reader.drain()  # the rest of the stream: its size and sha256 (a read error here fails the attempt)
         if not errors and state.get("comptype") == "tar" and reader.size and any(reader.tail[-1024:]):
             # A tar cut exactly at a member boundary reads cleanly; only the
             # missing end-of-archive blocks (1024 zero bytes) give it away.
