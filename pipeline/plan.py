@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import fsspec
 from braceexpand import braceexpand
 
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.records import CommitRecord, ShardTask, SourceVersion
+from edje_indexer.schemas.storage import filesystem
 
 _GLOB_CHARS = set("*?[")
 
@@ -26,8 +26,11 @@ def _split_top_level_commas(pattern: str) -> list[str]:
 
 
 def canonical_url(url: str) -> str:
-    """A shard's location as the job records it: relative local paths become absolute and normalised
-    (``file://`` URLs and other URLs stay as they are; layout.segment_name treats ``file://x`` as ``x``)."""
+    """A shard's location as the job records it: local paths become absolute and normalised (``file://``
+    URLs keep their scheme, normalised the same way; layout.segment_name treats ``file://x`` as ``x``);
+    other URLs stay as they are."""
+    if url.startswith("file://"):
+        return "file://" + os.path.normpath(url[len("file://") :])
     if "://" in url:
         return url
     return os.path.normpath(os.path.abspath(os.path.expanduser(url)))
@@ -47,16 +50,26 @@ def expand_pattern(pattern: str) -> list[str]:
             continue
         for name in braceexpand(part):
             if _GLOB_CHARS & set(name):
-                fs, path = fsspec.core.url_to_fs(name)
+                fs, path = filesystem(name)
                 proto = name.split("://", 1)[0] + "://" if "://" in name else ""
                 matches = fs.glob(path)
                 urls += [proto + m if proto else m for m in matches if not fs.isdir(m)]
             else:
                 urls.append(name)
-    return sorted(dict.fromkeys(canonical_url(u) for u in urls))
+    # One URL per shard: two spellings of one file (``file:///d/x.tar`` and ``/d/x.tar``) are one shard.
+    by_shard: dict[str, str] = {}
+    for u in map(canonical_url, urls):
+        by_shard.setdefault(layout.shard_key(u), u)
+    return sorted(by_shard.values())
 
 
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "last_modified", "updated", "mtime")
+
+
+def _version(fs, path: str, info: dict) -> SourceVersion:
+    key = next((k for k in _VERSION_KEYS if info.get(k) is not None), None)
+    version = f"{key}:{info[key]}" if key else f"ukey:{fs.ukey(path)}"
+    return SourceVersion(info.get("size"), version)
 
 
 def fingerprint(url: str) -> SourceVersion:
@@ -67,14 +80,43 @@ def fingerprint(url: str) -> SourceVersion:
     restored copy would re-index); on object stores the first of ETag /
     checksum / generation / modification time the filesystem reports.
     """
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     try:
         info = fs.info(path)
     except (FileNotFoundError, PermissionError, OSError):
         return SourceVersion(None, None)
-    key = next((k for k in _VERSION_KEYS if info.get(k) is not None), None)
-    version = f"{key}:{info[key]}" if key else f"ukey:{fs.ukey(path)}"
-    return SourceVersion(info.get("size"), version)
+    return _version(fs, path, info)
+
+
+# Below this many shards in one folder, one request per shard is cheaper than listing the folder.
+LIST_FOLDER_FROM = 64
+
+
+def fingerprints(urls: list[str]) -> dict[str, SourceVersion]:
+    """:func:`fingerprint` of every URL, from one listing per folder where that is cheaper.
+
+    A listing carries sizes and ETags / modification times, so a million
+    shards in a few folders cost a few thousand listing requests (1,000 keys
+    per S3 page), not a million ``HEAD`` requests.
+    """
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
+    out: dict[str, SourceVersion] = {}
+    for group in by_folder.values():
+        if len(group) < LIST_FOLDER_FROM:
+            out.update((u, fingerprint(u)) for u in group)
+            continue
+        fs, first = filesystem(group[0])
+        try:
+            listing = {e["name"].rstrip("/"): e for e in fs.ls(first.rsplit("/", 1)[0], detail=True, refresh=True)}
+        except (FileNotFoundError, PermissionError, OSError):
+            listing = {}
+        for u in group:
+            path = filesystem(u)[1].rstrip("/")
+            info = listing.get(path)
+            out[u] = _version(fs, path, info) if info and info.get("type") != "directory" else SourceVersion(None, None)
+    return out
 
 
 @dataclass
@@ -94,6 +136,7 @@ def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False,
     segment instead of being indexed twice.
     """
     out = Plan()
+    versions = fingerprints(urls)
     by_url = {layout.shard_key(canonical_url(c.shard)): s for s, c in commits.items()}
     segments = set()
     for url in urls:
@@ -101,7 +144,7 @@ def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False,
         if seg not in commits and layout.shard_key(url) in by_url:
             seg = by_url[layout.shard_key(url)]
         segments.add(seg)
-        fp = fingerprint(url)
+        fp = versions[url]
         old = commits.get(seg)
         task = ShardTask(url, seg, fp, job_id=job_id)
         if old is not None:

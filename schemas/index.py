@@ -11,6 +11,7 @@ row) order; the rest are listed, never silently dropped.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +27,11 @@ from edje_indexer.schemas.storage import Location
 
 def read_commits(loc: Location) -> dict[str, CommitRecord]:
     """segment name -> commit record, for every committed segment."""
+    names = [f"{layout.COMMITS}/{n}" for n in loc.list(layout.COMMITS) if n.endswith(".json") and not n.startswith(".")]
     out = {}
-    for name in loc.list(layout.COMMITS):
-        if name.endswith(".json") and not name.startswith("."):
-            rec = CommitRecord.from_json(loc.read_json(layout.COMMITS, name))
-            out[rec.segment] = rec
+    for raw in loc.read_many(names).values():  # concurrent requests on object stores
+        rec = CommitRecord.from_json(json.loads(raw))
+        out[rec.segment] = rec
     return out
 
 

@@ -315,6 +315,13 @@ class LockRecord(_Record):
     phase: str = "running"  # "finalizing": workers may no longer commit
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self):
+        # A lock file is written by other processes, maybe by a dying one: a wrong type makes it unreadable.
+        for name, kind in (("token", str), ("host", str), ("pid", int), ("beat", int), ("phase", str)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"malformed store lock: {name} is {value!r}")
+
 
 def as_json_bytes(record: _Record) -> bytes:
     return json.dumps(record.to_json(), indent=1, sort_keys=True).encode()

@@ -30,6 +30,22 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of ``url``, with directory listings never cached.
+
+    fsspec's object-store clients (s3fs, gcsfs) otherwise keep every listing
+    for the life of the process: a launcher that lists ``commits/``, lets
+    workers in other processes commit, and lists again would see the old
+    listing and take new commits for leftovers. Credentials and endpoints come
+    from the usual places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, profile
+    files, ...).
+    """
+    if "://" not in url or url.startswith("file://"):
+        return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
 CAS_FOLDER = ".cas"  # flock files of local compare-and-swap (schemas/layout.py)
 
 
@@ -41,13 +57,11 @@ class Location:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        fs, _ = fsspec.core.url_to_fs(self.url)
-        return fs
+        return filesystem(self.url)[0]
 
     @property
     def root(self) -> str:
-        _, path = fsspec.core.url_to_fs(self.url)
-        return path.rstrip("/")
+        return filesystem(self.url)[1].rstrip("/")
 
     @property
     def is_local(self) -> bool:
@@ -89,10 +103,10 @@ class Location:
         self.write_bytes_atomic(json.dumps(obj, indent=1, sort_keys=True).encode(), *parts)
 
     def list(self, *parts: str) -> list[str]:
-        """Names (not paths) of the entries of a folder; empty if it is absent."""
+        """Names (not paths) of the entries of a folder; empty if it is absent. Always a fresh listing."""
         folder = self.path(*parts)
         try:
-            entries = self.fs.ls(folder, detail=False)
+            entries = self.fs.ls(folder, detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -166,3 +180,11 @@ class Location:
                 return False
             os.remove(target)
             return True
+
+    def read_many(self, rel_paths: list[str]) -> dict[str, bytes]:
+        """The contents of many small files, fetched concurrently where the filesystem can (one request each)."""
+        if not rel_paths:
+            return {}
+        full = [self.path(p) for p in rel_paths]
+        got = self.fs.cat(full, on_error="omit") if not self.is_local else {p: self.fs.cat_file(p) for p in full}
+        return {rel: got[f] for rel, f in zip(rel_paths, full) if f in got}

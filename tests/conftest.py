@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from helpers import image_bytes, write_tar
@@ -46,3 +47,35 @@ def corpus(tmp_path, photos):
             members.append(("s1-bad.jpg", b"\xff\xd8\xff not really a jpeg"))
         write_tar(folder / f"shard-{s:06d}.tar", members)
     return str(folder / "shard-{000000..000002}.tar"), images, ["s1-bad"]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the session; AWS_* variables point every client at it.
+
+    Yields a function ``bucket(name)`` that creates a fresh bucket and returns ``s3://name``."""
+    import uuid
+
+    import s3_server
+
+    server = s3_server.start(str(tmp_path_factory.mktemp("seaweedfs")))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(use_listings_cache=False)
+
+    def bucket(prefix: str = "b") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+    try:
+        yield bucket
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -30,7 +30,7 @@ def write_tar(path, members: list[tuple[str, bytes]]) -> str:
     return str(path)
 
 
-def lock_contender(store: str, barrier, out: str) -> None:
+def lock_contender(store: str, barrier, out: str, hold_s: float = 0.5) -> None:
     """One of several processes racing for a store lock (a module function: spawn pickles it by name)."""
     barrier.wait()
     try:
@@ -38,7 +38,7 @@ def lock_contender(store: str, barrier, out: str) -> None:
     except StoreLocked:
         return
     t0 = time.time()
-    time.sleep(0.5)
+    time.sleep(hold_s)
     held_alone = not lock.lost()
     lock.release()
     with open(out, "a") as f:

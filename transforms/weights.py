@@ -17,8 +17,9 @@ import os
 import tempfile
 import threading
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from edje_indexer.schemas.storage import filesystem
 
 _COPIES: dict[str, str] = {}  # url -> local copy, for this process
 _COPIES_LOCK = threading.Lock()
@@ -33,7 +34,7 @@ def _copy_dir() -> str:
 
 def local_path(url: str) -> str:
     """A local file with the contents of ``url`` (the file itself when it is local)."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights file {url} does not exist")
