@@ -9,10 +9,13 @@ Gather (local disk): each segment's token shard file is memory-mapped on
 first use; the shard index at its end is checked to describe a plain
 row-major block (see schemas/layout.py), after which a gather is one row copy
 per id straight into the result (no temporaries, no grouping; cheaper than
-fancy indexing per segment at every batch size measured). Elsewhere (fsspec
-URLs), or if a file does not have that shape (or cannot be mapped), the reader
-falls back to zarr: one orthogonal selection per segment touched, each row
-read once. Only segments committed when the store was opened are visible.
+fancy indexing per segment at every batch size measured). On object stores
+the same layout is read by byte ranges (schemas/remote_rows.py): each
+segment's shard index once, then per batch one range request per run of
+nearby rows, for all segments touched concurrently. A file that does not have
+that shape (or cannot be mapped) is read through zarr: one orthogonal
+selection per segment touched, each row read once. Only segments committed
+when the store was opened are visible.
 
 Decode: ``get`` gathers the stored values into a per-thread scratch buffer
 and decodes them into the result: float16 -> float32 and int8 * scale go
@@ -40,14 +43,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
 
-from edje_indexer.schemas import layout, quantization
+from edje_indexer.schemas import layout, quantization, remote_rows
 from edje_indexer.schemas.index import load_index, read_commits
 from edje_indexer.schemas.records import CommitRecord, StoreMetadata
+from edje_indexer.schemas.remote_rows import SHARD_INDEX_CRC, SHARD_INDEX_ENTRY, CheckedRemoteRows, RemoteRows
 from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.store import open_metadata
-
-SHARD_INDEX_ENTRY = 16  # two little-endian uint64 per inner chunk: offset, nbytes
-SHARD_INDEX_CRC = 4
 
 # get() gathers and decodes a batch this many bytes of stored values at a
 # time, so the stored values are decoded from the CPU cache (local stores).
@@ -201,6 +202,7 @@ class TokenStore:
         }
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.requests = 0  # byte-range requests made for rows on an object store (the read benchmark reports it)
         self._torch = _torch()
 
     @classmethod
@@ -270,13 +272,35 @@ class TokenStore:
             shape = (m, d) if name == layout.TOKENS else (m,)
             dtype = self._stored_dtype if name == layout.TOKENS else np.dtype(np.float16)
             arr = None
+            path = self.location.path(rec.data_path, name, "c", *(["0"] * (1 + len(shape))))
             if self.location.is_local and n > 0:
-                path = self.location.path(rec.data_path, name, "c", *(["0"] * (1 + len(shape))))
                 arr = _mmap_rows(path, n, shape, dtype)
-            if arr is None:  # remote, or not a plain block: let zarr read it
+            elif n > 0:
+                arr = RemoteRows(self.location.fs, path, n, shape, dtype)  # its index is checked on first use
+            if arr is None:  # not a plain block (or empty): let zarr read it
                 arr = zarr.open_array(self.location.url_of(rec.data_path, name), mode="r")
             self._arrays[name][seg] = arr
             return arr
+
+    def _check_remote(self, name: str, segs: list[int]) -> None:
+        """Read the shard index of every remote segment not checked yet (concurrently); a file that is not a
+        plain row-major block is read through zarr from then on."""
+        unchecked = [s for s in segs if type(self._arrays[name][s]) is RemoteRows]
+        if not unchecked:
+            return
+        tails = remote_rows.fetch(
+            self.location.fs, [(self._arrays[name][s].path, *self._arrays[name][s].index_range()) for s in unchecked]
+        )
+        with self._lock:
+            for s, tail in zip(unchecked, tails):
+                arr = self._arrays[name][s]
+                if type(arr) is not RemoteRows:
+                    continue
+                if arr.is_plain_block(tail):
+                    self._arrays[name][s] = CheckedRemoteRows.of(arr)
+                else:
+                    rec = self.commits[self._seg_names[s]]
+                    self._arrays[name][s] = zarr.open_array(self.location.url_of(rec.data_path, name), mode="r")
 
     @staticmethod
     def _groups(segs: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -311,12 +335,19 @@ class TokenStore:
             return
         slow = np.array([a is not None and type(a) is not ndarray for a in arrays], dtype=bool)
         todo = np.flatnonzero(slow[segs])
-        for s, pos in self._groups(segs[todo]):
+        groups = self._groups(segs[todo])
+        self._check_remote(name, [s for s, _ in groups])
+        ranged = []
+        for s, pos in groups:
             pos = todo[pos]
             arr = arrays[s]
+            if type(arr) is CheckedRemoteRows:
+                ranged.append((arr, rows[pos], pos))
+                continue
             uniq, inv = np.unique(rows[pos], return_inverse=True)
             block = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))
             out[pos] = block[inv.reshape(-1)]
+        self.requests += remote_rows.gather(ranged, out)  # every remote segment of the batch at once
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A per-thread buffer of ``shape`` (contents undefined), reused between calls when small."""

@@ -79,7 +79,9 @@ class Location:
         return self.fs.exists(self.path(*parts))
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.path(*parts))
+        if self.is_local:
+            return self.fs.cat_file(self.path(*parts))
+        return self.fs.cat_file(self.path(*parts), start=0)  # one GET (without a range s3fs asks the size first)
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))
@@ -186,5 +188,22 @@ class Location:
         if not rel_paths:
             return {}
         full = [self.path(p) for p in rel_paths]
-        got = self.fs.cat(full, on_error="omit") if not self.is_local else {p: self.fs.cat_file(p) for p in full}
-        return {rel: got[f] for rel, f in zip(rel_paths, full) if f in got}
+        if self.is_local or not getattr(self.fs, "async_impl", False):
+            out = {}
+            for rel, f in zip(rel_paths, full):
+                try:
+                    out[rel] = self.fs.cat_file(f)
+                except FileNotFoundError:
+                    pass  # removed since it was listed
+            return out
+        # One GET per file, all at once. (fs.cat would first look each path up, and s3fs's whole-file read
+        # asks for the size first: a range from byte 0 is one request.)
+        got = self.fs.cat_ranges(full, [0] * len(full), [None] * len(full), on_error="return")
+        out = {}
+        for rel, data in zip(rel_paths, got):
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):
+                raise data
+            out[rel] = data
+        return out

@@ -4,9 +4,9 @@ Used by the ``s3`` fixture (tests/conftest.py) and runnable by hand::
 
     python tests/s3_server.py DIR      # prints the AWS_* variables to export, runs until killed
 
-Every port (master, volume, filer, S3 and their gRPC ports, which otherwise
-default to the HTTP port + 10000, and the Lance port, which ``0`` does not turn
-off in ``weed server``) is picked free on 127.0.0.1; telemetry and the Iceberg
+Every port (master, volume, filer, S3, their gRPC ports, and the Lance port,
+which ``0`` does not turn off in ``weed server``; the S3 gRPC port is always
+the S3 port + 10000 there) is picked free on 127.0.0.1; telemetry and the Iceberg
 port are off. SIGTERM takes SeaweedFS ~20 s, so the fixture
 kills it by pid (SIGKILL) at the end of the session instead of waiting.
 """
@@ -27,10 +27,24 @@ from dataclasses import dataclass
 ACCESS_KEY, SECRET_KEY = "edje-test", "edje-test-secret"
 
 
-def _free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    """A free port p below 55535 with p + 10000 free too: weed derives gRPC ports as HTTP port + 10000
+    (in ``weed server`` the S3 gRPC port flag is not honoured), and ports above 65535 do not exist."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55535 and _bindable(port + 10000):
+            return port
 
 
 def weed_binary() -> str | None:
@@ -65,7 +79,7 @@ def start(folder: str, timeout_s: float = 60.0) -> S3Server:
     data, logs = os.path.join(folder, "data"), os.path.join(folder, "logs")
     os.makedirs(data, exist_ok=True)
     os.makedirs(logs, exist_ok=True)
-    names = ("master", "volume", "filer", "s3", "grpc_m", "grpc_v", "grpc_f", "grpc_s", "lance")
+    names = ("master", "volume", "filer", "s3", "grpc_m", "grpc_v", "grpc_f", "lance")
     ports = {k: _free_port() for k in names}
     cmd = [
         weed,

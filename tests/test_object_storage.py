@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import s3fs
 from attempt_helpers import run_attempt, task_for
@@ -235,3 +236,31 @@ def test_planning_lists_folders_instead_of_one_request_per_shard(s3, monkeypatch
     assert versions[urls[5]] == fingerprint(urls[5])  # the same version a HEAD gives
     assert versions[urls[5]].size == 6 and versions[urls[5]].version.startswith(("ETag:", "etag:"))
     assert listed_s < 30
+
+
+def test_reads_over_s3_use_byte_ranges_from_the_layout(s3):
+    """get over s3:// equals the local read, with at most one request per run of nearby rows per batch."""
+    from edje_indexer.benchmarks.synthetic_store import build_synthetic_store
+
+    store = f"{s3('read')}/store"
+    built = build_synthetic_store(store, n_images=300, images_per_segment=100, quantization="int8", seed=3)
+    ts = TokenStore.open(store)
+    rng = np.random.default_rng(0)
+    ids = [built.ids[i] for i in rng.choice(300, 40, replace=False)]
+    got = ts.get(ids)
+    requests_first = ts.requests
+    again = ts.get(ids)
+    per_batch = ts.requests - requests_first
+    np.testing.assert_array_equal(got, again)
+    raw, scales = ts.get_raw(ids)
+    np.testing.assert_array_equal(got, raw.astype(np.float32) * scales.astype(np.float32)[..., None])
+    from edje_indexer.schemas.remote_rows import RemoteRows
+
+    rows_by_segment: dict[int, set[int]] = {}
+    for i in ids:
+        n = built.ids.index(i)
+        rows_by_segment.setdefault(built.segment_of[n], set()).add(n % 100)
+    runs = sum(len(RemoteRows.runs(np.array(sorted(r)))) for r in rows_by_segment.values())
+    assert per_batch == 2 * runs  # tokens and scales: one request per run of nearby rows, all segments at once
+    assert len(rows_by_segment) <= runs < len(ids)
+    assert all(type(a).__name__ == "CheckedRemoteRows" for a in ts._arrays["tokens"] if a is not None)
