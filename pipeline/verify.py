@@ -11,9 +11,34 @@ import zarr
 from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
 from edje_indexer.schemas import layout
 from edje_indexer.schemas.index import load_index, read_commits, read_pointer, retired_paths
+from edje_indexer.schemas.remote_rows import SHARD_INDEX_CRC, SHARD_INDEX_ENTRY
 from edje_indexer.schemas.segment import ids_checksum, token_checksum
 from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.store import open_metadata
+
+
+def chunk_problems(loc: Location, data_path: str, n: int, m: int, d: int, tok_dtype: np.dtype, quant: str) -> list[str]:
+    """Each array's chunk file must exist with the size the layout implies (a missing chunk reads as zeros
+    through zarr, silently). Token and scale files are one plain shard each; the ids chunk must exist."""
+    if n == 0:
+        return []
+    out = []
+    sizes = {layout.TOKENS: ((0, 0, 0), n * m * d * tok_dtype.itemsize)}
+    if quant == "int8":
+        sizes[layout.SCALES] = ((0, 0), n * m * 2)
+    for name, (key, data_bytes) in sizes.items():
+        expected = data_bytes + n * SHARD_INDEX_ENTRY + SHARD_INDEX_CRC
+        path = loc.path(data_path, name, "c", *map(str, key))
+        try:
+            size = loc.fs.size(path)
+        except FileNotFoundError:
+            out.append(f"{name} chunk file c/{'/'.join(map(str, key))} is missing")
+            continue
+        if size != expected:
+            out.append(f"{name} chunk file has {size} bytes, the layout implies {expected}")
+    if not loc.exists(data_path, layout.IDS, "c", "0"):
+        out.append("ids chunk file c/0 is missing")
+    return out
 
 
 def verify(url: str, deep: bool = False) -> dict:
@@ -25,7 +50,10 @@ def verify(url: str, deep: bool = False) -> dict:
     m, d = meta.tokens_per_image, meta.token_dim
     quant = meta.quantization
     tok_dtype = np.dtype(meta.token_encoding["tokens_dtype"])
-    commits = read_commits(loc)
+    unusable: list[tuple[str, str]] = []
+    commits = read_commits(loc, unreadable=unusable)
+    for name, why in unusable:
+        problems.append(f"{name}: unusable commit record, refused everywhere else: {why}")
     for seg, c in sorted(commits.items()):
         where = f"segment {seg} ({c.shard})"
         if c.identity_sha256 != meta.identity_sha256():
@@ -42,10 +70,13 @@ def verify(url: str, deep: bool = False) -> dict:
                 arr = group[name]
                 if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
                     problems.append(f"{where}: {name} is {arr.shape} {arr.dtype}, the commit says {shape} {dtype}")
+            problems += [f"{where}: {p}" for p in chunk_problems(loc, c.data_path, n, m, d, tok_dtype, quant)]
             if deep:
                 for name in arrays:
                     data = group[name][...]
-                    got = ids_checksum(data.tolist()) if name == layout.IDS else token_checksum(data)
+                    got = (
+                        ids_checksum(data.tolist(), c.checksum_version) if name == layout.IDS else token_checksum(data)
+                    )
                     if got != c.checksums.get(name):
                         problems.append(f"{where}: {name} data does not match the checksum recorded at commit")
         except (KeyError, FileNotFoundError, ValueError, OSError) as e:
@@ -60,10 +91,16 @@ def verify(url: str, deep: bool = False) -> dict:
         if not c.complete:
             warnings.append(f"{where}: shard was incomplete when read ({c.incomplete_reason})")
 
+    index = None
     if not loc.exists(layout.INDEX, layout.INDEX_POINTER):
         problems.append("no id index (index/CURRENT.json): run the same index command again to finalize")
     else:
-        index = load_index(loc, commits)
+        try:
+            index = load_index(loc, commits)
+        except (ValueError, OSError) as e:  # a damaged index file or pointer
+            problems.append(f"the id index is unusable: {e}")
+            index = None
+    if index is not None:
         if not index.published:
             problems.append("the id index does not cover every committed segment: run the index command again")
         total = index.table.num_rows + index.duplicates.num_rows
@@ -77,7 +114,11 @@ def verify(url: str, deep: bool = False) -> dict:
             bounds = np.flatnonzero(np.r_[True, segs[order][1:] != segs[order][:-1], True])
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 seg, pick = segs[order[lo]], order[lo:hi]
-                stored = zarr.open_group(loc.url_of(commits[seg].data_path), mode="r")[layout.IDS][...]
+                try:
+                    stored = zarr.open_group(loc.url_of(commits[seg].data_path), mode="r")[layout.IDS][...]
+                except (KeyError, FileNotFoundError, ValueError, OSError) as e:
+                    problems.append(f"the ids of segment {seg} are unreadable: {type(e).__name__}: {e}")
+                    continue
                 rows = rows_all[pick]
                 if (rows >= len(stored)).any() or list(stored[rows]) != list(ids_all[pick]):
                     problems.append(f"the id index disagrees with the ids stored in segment {seg}")

@@ -10,6 +10,7 @@ row) order; the rest are listed, never silently dropped.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -25,12 +26,24 @@ from edje_indexer.schemas.records import CommitRecord, IndexPointer
 from edje_indexer.schemas.storage import Location
 
 
-def read_commits(loc: Location) -> dict[str, CommitRecord]:
-    """segment name -> commit record, for every committed segment."""
+def read_commits(loc: Location, unreadable: list | None = None) -> dict[str, CommitRecord]:
+    """segment name -> commit record, for every committed segment.
+
+    A record that cannot be read, or that names a path outside the layout, is an error (nothing is read or
+    deleted on its say-so); with ``unreadable`` given (verify), it is listed there as (file, reason) instead.
+    """
     names = [f"{layout.COMMITS}/{n}" for n in loc.list(layout.COMMITS) if n.endswith(".json") and not n.startswith(".")]
     out = {}
-    for raw in loc.read_many(names).values():  # concurrent requests on object stores
-        rec = CommitRecord.from_json(json.loads(raw))
+    for name, raw in sorted(loc.read_many(names).items()):  # concurrent requests on object stores
+        try:
+            rec = CommitRecord.from_json(json.loads(raw))
+            if name.rsplit("/", 1)[1] != f"{rec.segment}.json":
+                raise layout.UnsafePath(f"names segment {rec.segment!r}")
+        except ValueError as e:
+            if unreadable is None:
+                raise ValueError(f"commit record {loc.url_of(name)} is unusable: {e}") from e
+            unreadable.append((name, str(e)))
+            continue
         out[rec.segment] = rec
     return out
 
@@ -56,16 +69,26 @@ def read_pointer(loc: Location) -> IndexPointer | None:
     return IndexPointer.from_json(loc.read_json(layout.INDEX, layout.INDEX_POINTER))
 
 
-def _read_parquet(loc: Location, name: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(loc.read_bytes(layout.INDEX, name)))
+class IndexDamaged(ValueError):
+    """An id index file whose bytes are not the ones its generation recorded."""
+
+
+def _read_parquet(loc: Location, name: str, sha256: str | None = None) -> pa.Table:
+    data = loc.read_bytes(layout.INDEX, name)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise IndexDamaged(
+            f"id index file {loc.url_of(layout.INDEX, name)} does not match the checksum of its "
+            f"generation (damaged): run 'edje-index index' again to rebuild the index"
+        )
+    return pq.read_table(io.BytesIO(data))
 
 
 def load_index(loc: Location, commits: dict[str, CommitRecord]) -> IdIndex:
     """The index as of ``commits``: the stored generation, patched with what changed since."""
     ptr = read_pointer(loc)
     if ptr:
-        base = _read_parquet(loc, ptr.ids)
-        dups = _read_parquet(loc, ptr.duplicates)
+        base = _read_parquet(loc, ptr.ids, ptr.checksums.get(ptr.ids))
+        dups = _read_parquet(loc, ptr.duplicates, ptr.checksums.get(ptr.duplicates))
         covered = dict(ptr.segments)
         rows = pa.concat_tables([base, dups.select(["id", "segment", "row"])])
         generation = ptr.generation
@@ -139,10 +162,12 @@ def write_index(loc: Location, index: IdIndex, retired: list[str] = ()) -> IdInd
     previous = read_pointer(loc)
     gen = index.generation + 1
     names = {"ids": f"ids-{gen:08d}.parquet", "duplicates": f"duplicates-{gen:08d}.parquet"}
+    checksums = {}
     for key, table in (("ids", index.table), ("duplicates", index.duplicates)):
         buf = io.BytesIO()
         pq.write_table(table, buf)
         loc.write_bytes_atomic(buf.getvalue(), layout.INDEX, names[key])
+        checksums[names[key]] = hashlib.sha256(buf.getvalue()).hexdigest()
     pointer = IndexPointer(
         generation=gen,
         ids=names["ids"],
@@ -151,6 +176,7 @@ def write_index(loc: Location, index: IdIndex, retired: list[str] = ()) -> IdInd
         retired=sorted(retired),
         images=index.table.num_rows,
         duplicates_count=index.duplicates.num_rows,
+        checksums=checksums,
     )
     loc.write_json_atomic(pointer.to_json(), layout.INDEX, layout.INDEX_POINTER)
     keep = set(names.values()) | ({previous.ids, previous.duplicates} if previous else set())

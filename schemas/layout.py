@@ -108,6 +108,39 @@ _DATA_FOLDER = re.compile(
 )
 
 
+_SEGMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+_INDEX_FILE = re.compile(r"^(ids|duplicates)-[0-9]{1,12}\.parquet$")
+
+
+class UnsafePath(ValueError):
+    """A path read from a record that does not have the layout's shape (it might point outside the store)."""
+
+
+def check_segment_name(name: str) -> str:
+    if not isinstance(name, str) or not _SEGMENT_NAME.match(name):
+        raise UnsafePath(f"segment name {name!r} is not one this layout writes")
+    return name
+
+
+def check_data_path(path: str) -> str:
+    """``path`` if it is ``segments/<data folder>`` as this layout names them, else UnsafePath.
+
+    Every path taken from a record goes through here before anything reads or deletes it: a record
+    saying ``segments/../../victim`` must not make ``remove`` delete a folder outside the store."""
+    if not isinstance(path, str) or path.count("/") != 1:
+        raise UnsafePath(f"data path {path!r} is not segments/<folder>")
+    top, name = path.split("/")
+    if top != SEGMENTS or not _DATA_FOLDER.match(name):
+        raise UnsafePath(f"data path {path!r} is not segments/<folder> of this layout")
+    return path
+
+
+def check_index_file(name: str) -> str:
+    if not isinstance(name, str) or not _INDEX_FILE.match(name):
+        raise UnsafePath(f"index file name {name!r} is not one this layout writes")
+    return name
+
+
 def data_folder_segment(name: str) -> str | None:
     """The segment a data folder (or its dead-letter table's stem) belongs to, or None for foreign names."""
     m = _DATA_FOLDER.match(name)

@@ -48,7 +48,7 @@ from edje_indexer.schemas.index import load_index, read_commits
 from edje_indexer.schemas.records import CommitRecord, StoreMetadata
 from edje_indexer.schemas.remote_rows import SHARD_INDEX_CRC, SHARD_INDEX_ENTRY, CheckedRemoteRows, RemoteRows
 from edje_indexer.schemas.storage import Location
-from edje_indexer.schemas.store import open_metadata
+from edje_indexer.schemas.store import StoreDamaged, open_metadata
 
 # get() gathers and decodes a batch this many bytes of stored values at a
 # time, so the stored values are decoded from the CPU cache (local stores).
@@ -68,13 +68,19 @@ class UnknownIdError(KeyError):
 
 
 def _mmap_rows(path: str, n: int, row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-    """A [n, *row_shape] view of a shard file, or None if it is not a plain block (or cannot be mapped)."""
+    """A [n, *row_shape] view of a shard file; None if it cannot be mapped (zarr then reads it).
+
+    The writer stores every segment uncompressed with its rows in order, so the file's size and shard index
+    are known: a missing file, another size or another index is damage (StoreDamaged), never zeros."""
     row_bytes = int(np.prod(row_shape)) * dtype.itemsize
     expected = n * row_bytes + n * SHARD_INDEX_ENTRY + SHARD_INDEX_CRC
     try:
         size = os.path.getsize(path)
-        if size != expected:
-            return None
+    except FileNotFoundError:
+        raise StoreDamaged(f"chunk file {path} is missing (a committed segment's data is gone)") from None
+    if size != expected:
+        raise StoreDamaged(f"chunk file {path} has {size} bytes, the layout implies {expected}")
+    try:
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):  # e.g. vm.max_map_count reached: zarr still reads it
@@ -83,7 +89,7 @@ def _mmap_rows(path: str, n: int, row_shape: tuple[int, ...], dtype: np.dtype) -
     if not (
         np.array_equal(index[:, 0], np.arange(n, dtype=np.uint64) * row_bytes) and (index[:, 1] == row_bytes).all()
     ):
-        return None
+        raise StoreDamaged(f"chunk file {path} has a shard index that is not this layout's (damaged)")
     return np.frombuffer(mm, dtype=dtype.newbyteorder("<"), count=n * int(np.prod(row_shape))).reshape(n, *row_shape)
 
 
@@ -202,6 +208,7 @@ class TokenStore:
         }
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._closed = False
         self.requests = 0  # byte-range requests made for rows on an object store (the read benchmark reports it)
         self._torch = _torch()
 
@@ -211,6 +218,19 @@ class TokenStore:
         meta = open_metadata(loc)
         commits = read_commits(loc)
         return cls(loc, meta, commits, load_index(loc, commits))
+
+    def close(self) -> None:
+        """Let go of the memory-mapped segment files; the store cannot be read through this object afterwards."""
+        with self._lock:
+            self._closed = True
+            for name in self._arrays:
+                self._arrays[name] = [None] * len(self._seg_names)
+
+    def __enter__(self) -> TokenStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -252,6 +272,8 @@ class TokenStore:
 
     def _locate(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(segment number, row) of each id; UnknownIdError naming the first id not in the store."""
+        if self._closed:
+            raise ValueError(f"TokenStore of {self.location.url} is closed")
         found, pos = self._find(ids)
         if not found.all():
             bad = ids[int(np.argmin(found))]
@@ -283,24 +305,25 @@ class TokenStore:
             return arr
 
     def _check_remote(self, name: str, segs: list[int]) -> None:
-        """Read the shard index of every remote segment not checked yet (concurrently); a file that is not a
-        plain row-major block is read through zarr from then on."""
+        """Read the shard index of every remote segment not checked yet (concurrently). A file that is
+        missing, of another size or with another index is damage (StoreDamaged), never zeros."""
         unchecked = [s for s in segs if type(self._arrays[name][s]) is RemoteRows]
         if not unchecked:
             return
-        tails = remote_rows.fetch(
-            self.location.fs, [(self._arrays[name][s].path, *self._arrays[name][s].index_range()) for s in unchecked]
-        )
+        arrays = self._arrays[name]
+        tails = remote_rows.fetch(self.location.fs, [(arrays[s].path, *arrays[s].index_range()) for s in unchecked])
         with self._lock:
             for s, tail in zip(unchecked, tails):
-                arr = self._arrays[name][s]
+                arr = arrays[s]
                 if type(arr) is not RemoteRows:
                     continue
-                if arr.is_plain_block(tail):
-                    self._arrays[name][s] = CheckedRemoteRows.of(arr)
-                else:
-                    rec = self.commits[self._seg_names[s]]
-                    self._arrays[name][s] = zarr.open_array(self.location.url_of(rec.data_path, name), mode="r")
+                if isinstance(tail, FileNotFoundError):
+                    raise StoreDamaged(f"chunk file {arr.path} is missing (a committed segment's data is gone)")
+                if isinstance(tail, BaseException):
+                    raise tail
+                if not arr.is_plain_block(tail):
+                    raise StoreDamaged(f"chunk file {arr.path} is not the size or layout its segment implies")
+                arrays[s] = CheckedRemoteRows.of(arr)
 
     @staticmethod
     def _groups(segs: np.ndarray) -> list[tuple[int, np.ndarray]]:

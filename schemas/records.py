@@ -23,7 +23,13 @@ import json
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from edje_indexer.schemas.layout import SCHEMA_VERSION
+from edje_indexer.schemas.layout import (
+    SCHEMA_VERSION,
+    UnsafePath,
+    check_data_path,
+    check_index_file,
+    check_segment_name,
+)
 
 
 class SchemaVersionError(ValueError):
@@ -226,6 +232,7 @@ class CommitRecord(_Record):
     timings_s: dict
     software_version: str
     revision: int = 0
+    checksum_version: int = 1  # 1: ids hashed id + NUL (ambiguous); 2: each id length-prefixed (schemas/segment.py)
     job_id: str = ""  # the job (store-lock token) whose attempt committed this; "" before attempts had ids
     attempt: str = ""
     writer: dict = field(default_factory=dict)  # host and pid of the process that wrote the data
@@ -252,9 +259,14 @@ class CommitRecord(_Record):
             raise ValueError(f"malformed commit record: {str(d)[:80]!r}")
         check_schema_version(d, cls.WHAT)
         try:
-            return cls(**{**_fields_of(cls, d), "source": Source(**_fields_of(Source, d["source"]))})
+            record = cls(**{**_fields_of(cls, d), "source": Source(**_fields_of(Source, d["source"]))})
         except TypeError as e:
             raise ValueError(f"malformed commit record: {e}") from None
+        check_segment_name(record.segment)
+        check_data_path(record.data_path)
+        if not record.data_path.split("/", 1)[1].startswith(record.segment + "."):
+            raise UnsafePath(f"commit of {record.segment} names the data of another segment: {record.data_path!r}")
+        return record
 
 
 @dataclass(frozen=True)
@@ -270,6 +282,9 @@ class FailureRecord(_Record):
     failed: bool = True
     failed_at: str = field(default_factory=utc_now)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        check_segment_name(self.segment)
 
     @property
     def error(self) -> str:
@@ -289,7 +304,22 @@ class IndexPointer(_Record):
     retired: list = field(default_factory=list)  # superseded data kept one job longer for open readers
     images: int = 0
     duplicates_count: int = 0
+    checksums: dict = field(default_factory=dict)  # file name -> sha256 of its bytes (checked on load)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        check_index_file(self.ids)
+        check_index_file(self.duplicates)
+        for segment, path in self.segments.items():
+            check_segment_name(segment)
+            check_data_path(path)
+        for path in self.retired:
+            if path.startswith("rejected/"):
+                if not path.endswith(".parquet"):
+                    raise UnsafePath(f"retired path {path!r} is not a dead-letter table")
+                check_data_path("segments/" + path[len("rejected/") : -len(".parquet")])
+            else:
+                check_data_path(path)
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,15 @@ class RemoteRows:
         self.row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
 
     def index_range(self) -> tuple[int, int]:
+        """The shard index's bytes plus one: a file longer than the layout implies returns that extra byte."""
         start = self.n * self.row_bytes
-        return start, start + self.n * SHARD_INDEX_ENTRY + SHARD_INDEX_CRC
+        return start, start + self.n * SHARD_INDEX_ENTRY + SHARD_INDEX_CRC + 1
 
     def is_plain_block(self, tail: bytes) -> bool:
-        """Whether the shard index ``tail`` says row r is at r * row_bytes, row_bytes long (in order, uncompressed)."""
+        """Whether ``tail`` (from :meth:`index_range`) ends the file exactly and says row r is at
+        r * row_bytes, row_bytes long (in order, uncompressed)."""
         if len(tail) != self.n * SHARD_INDEX_ENTRY + SHARD_INDEX_CRC:
-            return False
+            return False  # the file is shorter or longer than n rows and their index
         index = np.frombuffer(tail, dtype="<u8", count=2 * self.n).reshape(self.n, 2)
         offsets = np.arange(self.n, dtype=np.uint64) * np.uint64(self.row_bytes)
         return bool(np.array_equal(index[:, 0], offsets) and (index[:, 1] == self.row_bytes).all())
@@ -58,12 +60,13 @@ class RemoteRows:
         return list(zip(starts.tolist(), stops.tolist()))
 
 
-def fetch(fs, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-    """The bytes of each ``(path, start, stop)``, requested concurrently."""
+def fetch(fs, ranges: list[tuple[str, int, int]]) -> list:
+    """The bytes of each ``(path, start, stop)``, requested concurrently (an exception in the place of a
+    range that failed, e.g. FileNotFoundError)."""
     if not ranges:
         return []
     paths, starts, stops = (list(x) for x in zip(*ranges))
-    return fs.cat_ranges(paths, starts, stops)
+    return fs.cat_ranges(paths, starts, stops, on_error="return")
 
 
 def gather(segments: list[tuple[RemoteRows, np.ndarray, np.ndarray]], out: np.ndarray) -> int:
@@ -76,6 +79,10 @@ def gather(segments: list[tuple[RemoteRows, np.ndarray, np.ndarray]], out: np.nd
         return 0
     blobs = fetch(plan[0][0].fs, [(seg.path, a * seg.row_bytes, b * seg.row_bytes) for seg, _, _, a, b in plan])
     for (seg, rows, pos, a, b), blob in zip(plan, blobs):
+        if isinstance(blob, BaseException):
+            raise blob
+        if len(blob) != (b - a) * seg.row_bytes:
+            raise ValueError(f"{seg.path}: a range of rows {a}..{b} came back short ({len(blob)} bytes)")
         block = np.frombuffer(blob, dtype=seg.dtype).reshape(b - a, *seg.row_shape)
         inside = (rows >= a) & (rows < b)
         out[pos[inside]] = block[rows[inside] - a]

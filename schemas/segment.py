@@ -52,11 +52,21 @@ def token_checksum(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).reshape(-1).view(np.uint8)).hexdigest()  # no copy
 
 
-def ids_checksum(ids) -> str:
+CHECKSUM_VERSION = 2
+
+
+def ids_checksum(ids, version: int = CHECKSUM_VERSION) -> str:
+    """sha256 of the ids. Version 2 prefixes each UTF-8 id with its length (8 bytes, little-endian), so
+    ``["a\\0b"]`` and ``["a", "b"]`` differ; version 1 (stores written before) put a NUL after each id."""
     h = hashlib.sha256()
     for i in ids:
-        h.update(str(i).encode())
-        h.update(b"\0")
+        b = str(i).encode()
+        if version >= 2:
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        else:
+            h.update(b)
+            h.update(b"\0")
     return h.hexdigest()
 
 
@@ -158,9 +168,12 @@ class SegmentWriter:
         self.loc.write_bytes_atomic(buf.getvalue(), *layout.rejected_path(data_path))
 
     def write_uncommitted(self, task: ShardTask, data: SegmentData, attempt: str) -> dict:
-        """The attempt's arrays and dead letters, no commit record (invisible); returns the checksums."""
+        """The attempt's arrays and dead letters, no commit record (invisible), durable on disk before any
+        commit can name them; returns the checksums."""
         checksums = self._write_arrays(task.data_path(attempt), data)
         self._write_rejected(task.data_path(attempt), data.rejected)
+        self.loc.sync(*task.data_path(attempt).split("/"))
+        self.loc.sync(*layout.rejected_path(task.data_path(attempt)))
         return checksums
 
     def committed(self, task: ShardTask) -> CommitRecord | None:
@@ -217,6 +230,7 @@ class SegmentWriter:
             token_bytes=int(data.values.nbytes + (0 if data.scales is None else data.scales.nbytes)),
             timings_s=timings,
             software_version=__version__,
+            checksum_version=CHECKSUM_VERSION,
             job_id=task.job_id,
             attempt=attempt,
             writer={"host": socket.gethostname(), "pid": os.getpid()},

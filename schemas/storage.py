@@ -46,6 +46,14 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 CAS_FOLDER = ".cas"  # flock files of local compare-and-swap (schemas/layout.py)
 
 
@@ -98,6 +106,7 @@ class Location:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+            _fsync_dir(parent)  # the rename itself survives a power loss only once its directory is synced
         else:
             fs.pipe_file(target, data)
 
@@ -207,3 +216,32 @@ class Location:
                 raise data
             out[rel] = data
         return out
+
+    def sync(self, *parts: str) -> int:
+        """Make a written file or folder durable on local disk: fsync every file and directory under it,
+        then the directory that holds it (zarr writes chunk files by rename without fsync). Object stores
+        acknowledge a PUT once it is durable: nothing to do. Returns the number of fsync calls."""
+        if not self.is_local:
+            return 0
+        top = self.path(*parts)
+        calls = 0
+        if os.path.isdir(top):
+            for root, _dirs, files in os.walk(top, topdown=False):
+                for name in files:
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    calls += 1
+                _fsync_dir(root)
+                calls += 1
+        elif os.path.exists(top):
+            fd = os.open(top, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            calls += 1
+        _fsync_dir(os.path.dirname(top))
+        return calls + 1

@@ -19,6 +19,10 @@ class StoreMismatch(ValueError):
     """A job whose model or settings differ from the store's."""
 
 
+class StoreDamaged(ValueError):
+    """Stored data that is missing or not the size the layout implies: an error, never zeros."""
+
+
 def new_metadata(model: ModelIdentity, quant: str, id_policy: str) -> StoreMetadata:
     """The metadata a job with this model and settings would give a new store."""
     from edje_indexer import __version__

@@ -91,8 +91,8 @@ def pointer(**changes) -> IndexPointer:
         generation=3,
         ids="ids-000003.parquet",
         duplicates="duplicates-000003.parquet",
-        segments={"a-1": "segments/a-1.x", "b-2": "segments/b-2.y"},
-        retired=["segments/a-1.old"],
+        segments={"a-1": "segments/a-1.0123456789ab.0-1a2b3c4d", "b-2": "segments/b-2.ba9876543210.r1"},
+        retired=["segments/a-1.aaaaaaaaaaaa", "rejected/a-1.aaaaaaaaaaaa.parquet"],
         images=11,
         duplicates_count=1,
     )

@@ -148,7 +148,11 @@ def test_write_then_read_back_with_plain_zarr(tmp_path, quant):
 
     # checksums: sha256 of the stored bytes (read back), ids NUL-terminated
     assert on_disk.checksums[layout.TOKENS] == sha(np.ascontiguousarray(stored).tobytes())
-    assert on_disk.checksums[layout.IDS] == sha(b"".join(i.encode() + b"\0" for i in ids))
+    # checksum version 2: each UTF-8 id prefixed by its length (8 bytes, little-endian)
+    assert on_disk.checksum_version == 2
+    assert on_disk.checksums[layout.IDS] == sha(
+        b"".join(len(i.encode()).to_bytes(8, "little") + i.encode() for i in ids)
+    )
     if quant == "int8":
         assert on_disk.checksums[layout.SCALES] == sha(group[layout.SCALES][...].tobytes())
     else:
