@@ -264,3 +264,38 @@ def test_reads_over_s3_use_byte_ranges_from_the_layout(s3):
     assert per_batch == 2 * runs  # tokens and scales: one request per run of nearby rows, all segments at once
     assert len(rows_by_segment) <= runs < len(ids)
     assert all(type(a).__name__ == "CheckedRemoteRows" for a in ts._arrays["tokens"] if a is not None)
+
+
+def test_weights_and_adapters_from_s3_urls(tmp_path, s3, local_shards):
+    from safetensors.torch import save_file
+
+    from edje_indexer.pipeline.presets import PRESETS
+    from edje_indexer.transforms import weights
+    from edje_indexer.transforms.model import load_model
+
+    tiny = load_model(PRESETS["tiny"])
+    save_file({k: v.contiguous() for k, v in tiny.backbone.state_dict().items()}, tmp_path / "backbone.safetensors")
+    save_file({k: v.contiguous() for k, v in tiny.adapter.state_dict().items()}, tmp_path / "adapter.safetensors")
+    models, corpus, bucket = s3("models"), s3("corpus"), s3("store")
+    for name in ("backbone.safetensors", "adapter.safetensors"):
+        fs().put_file(str(tmp_path / name), f"{models[5:]}/{name}")
+    upload(local_shards, corpus, ["shard-000000.tar"])
+    store = f"{bucket}/store"
+    argv = [
+        "index",
+        "--input",
+        f"{corpus}/shard-000000.tar",
+        "--store",
+        store,
+        *TINY,
+        "--weights",
+        f"{models}/backbone.safetensors",
+        "--adapter",
+        f"{models}/adapter.safetensors",
+    ]
+    assert main(argv) == 0
+    model = TokenStore.open(store).metadata.model
+    assert model.backbone_sha256 == tiny.identity.backbone_sha256 and model.random_weights is False
+    assert model.adapter_sha256 == tiny.identity.adapter_sha256 and model.random_adapter is False
+    copy = weights.local_path(f"{models}/backbone.safetensors")
+    assert weights.local_path(f"{models}/backbone.safetensors") == copy  # fetched once per process
