@@ -97,6 +97,7 @@ def start(folder: str, timeout_s: float = 60.0) -> S3Server:
         "-s3",
         f"-s3.port={ports['s3']}",
         "-s3.port.iceberg=0",
+        f"-s3.port.lance={ports['lance']}",
         "-master.volumeSizeLimitMB=32",
         "-volume.max=200",
         "-volume.preStopSeconds=0",
