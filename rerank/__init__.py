@@ -6,9 +6,12 @@
     model, tokenizer = load_reranker("path/to/model_dir")
     hits = Reranker(model, tokenizer, TokenStore.open(url)).rerank("a dog on a beach", candidate_ids)
 
+The EDJE authors' checkpoint: ``model, tokenizer = load_authors_checkpoint(path, tokenizer=TOKENIZER_DIR)``.
+
 The modules: rerank/joint_encoder.py (the model, the input layout, the
 tokenizer), rerank/checkpoint.py (parameter names, weights files, model
-folders), rerank/reranker.py (scoring a store's images), rerank/cli.py (the
+folders), rerank/authors.py (the authors' checkpoint), rerank/text.py (their
+caption cleaning), rerank/reranker.py (scoring a store's images), rerank/cli.py (the
 ``rerank`` subcommand). The first three need ``transformers``
 (``pip install 'edje-indexer[rerank]'``). This package itself imports nothing
 heavy, so ``edje-index`` can register its ``rerank`` subcommand (rerank/cli.py)
@@ -32,6 +35,8 @@ _MODULE_OF = {
     "load_reranker": "checkpoint",
     "save_pretrained": "checkpoint",
     "Reranker": "reranker",
+    "load_authors_checkpoint": "authors",
+    "clean_caption": "text",
 }
 _MODEL_NAMES = tuple(sorted(_MODULE_OF))
 

@@ -115,10 +115,13 @@ def convert_state_dict(
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     found = [p for p in TEXT_PREFIXES if f"{p}embeddings.word_embeddings.weight" in sd]
     if not found:
+        hint = ""
+        if any(k.startswith(("language_model.bert.", "classification_head.")) for k in sd):
+            hint = " (this is the EDJE authors' checkpoint layout: load it with --checkpoint, rerank/authors.py)"
         raise CheckpointError(
             "no BERT text encoder in the checkpoint: looked for "
             + ", ".join(f"'{p}embeddings.word_embeddings.weight'" for p in TEXT_PREFIXES)
-            + f"; its first keys: {sorted(sd)[:6]}"
+            + f"; its first keys: {sorted(sd)[:6]}{hint}"
         )
     if len(found) > 1:
         raise CheckpointError(f"the checkpoint holds more than one BERT text encoder (prefixes {found}); keep one")
@@ -284,6 +287,8 @@ def from_pretrained(
         config,
         token_dim=token_dim or edje.get("token_dim", TOKEN_DIM),
         max_text_tokens=edje.get("max_text_tokens", MAX_TEXT_TOKENS),
+        caption_cleaning=edje.get("caption_cleaning"),
+        num_image_tokens=edje.get("num_image_tokens"),
     )
     model.load_report = model.load_checkpoint(state_dict, allow_missing_head=allow_missing_head)
     return model.eval()
@@ -297,6 +302,9 @@ def save_pretrained(model: EdjeJointEncoder, path: str, tokenizer=None) -> str:
     os.makedirs(path, exist_ok=True)
     cfg = _portable_config(model.config.to_dict())
     cfg["edje"] = {"token_dim": model.token_dim, "max_text_tokens": model.max_text_tokens}
+    for key in ("caption_cleaning", "num_image_tokens"):  # only when set: folders stay as they were otherwise
+        if getattr(model, key) is not None:
+            cfg["edje"][key] = getattr(model, key)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(cfg, f, indent=1, sort_keys=True)
     sd = {

@@ -9,7 +9,8 @@ heads) reads one sequence per (text, image) pair::
 
 * text: WordPiece ids, the caption capped at ``max_text_tokens`` = 64 word
   pieces (before [CLS]/[SEP] are added); token type 0; positions 0 .. L-1,
-  where L = caption pieces + 2.
+  where L = caption pieces + 2. ``caption_cleaning`` (None, or
+  ``"open_clip"``: rerank/text.py) is applied to each text first.
 * image: the m stored tokens (m = 64, width d = 384) take the place of word
   embeddings; token type 1; positions L .. L+m-1, i.e. they continue right
   after *this* pair's own text, whatever the padding of the batch.
@@ -46,9 +47,21 @@ depend on the other pairs of its batch. When every row has the same text (one
 query against k candidates, the reranking case) there is no padding and no
 attention mask at all, which lets SDPA pick its fastest kernel.
 
+The authors' model. Their code (``shahafwa/EDJE``, ``pretrain_model.py``)
+calls the tokenizer on the pair (caption, ``"<image>" * m``) with
+``truncation="only_first"`` and ``max_length = 64 + m`` and replaces the m
+``<image>`` embeddings by the tokens: per pair exactly the sequence above
+(``[CLS] caption [SEP] <image>*m [SEP]``, segment B of token type 1, positions
+straight on), with the caption cut at 64 + m - m - 3 = 61 word pieces, on
+captions cleaned like open_clip's ``canonicalize_text(basic_clean(...))``. So
+their checkpoint runs in this module with ``max_text_tokens=61`` and
+``caption_cleaning="open_clip"``; rerank/authors.py loads it that way and
+tests/test_authors_checkpoint.py checks the scores against that reference
+computation.
+
 Loading checkpoints (``EdjeJointEncoder.load_checkpoint`` / ``from_pretrained``)
-and the parameter names they accept: rerank/checkpoint.py. Scoring the images
-of a token store: rerank/reranker.py.
+and the parameter names they accept: rerank/checkpoint.py (the authors' file:
+rerank/authors.py). Scoring the images of a token store: rerank/reranker.py.
 """
 
 from __future__ import annotations
@@ -65,6 +78,8 @@ try:
     from transformers import BertConfig, BertModel
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("the EDJE reranker needs transformers: pip install 'edje-indexer[rerank]'") from e
+
+from edje_indexer.rerank.text import CAPTION_CLEANINGS
 
 if TYPE_CHECKING:
     from edje_indexer.rerank.checkpoint import LoadReport
@@ -118,10 +133,17 @@ class TextBatch:
         return TextBatch(self.input_ids[index, :t], lengths)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_text_tokens: int = MAX_TEXT_TOKENS) -> TextBatch:
-    """``[CLS] caption [SEP]`` for each text, the caption capped at ``max_text_tokens`` word pieces."""
+def tokenize(
+    tokenizer, texts: Sequence[str], max_text_tokens: int = MAX_TEXT_TOKENS, cleaning: str | None = None
+) -> TextBatch:
+    """``[CLS] caption [SEP]`` for each text, the caption capped at ``max_text_tokens`` word pieces.
+
+    ``cleaning``: a name in ``rerank.text.CAPTION_CLEANINGS`` applied to each text first (None: as given)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings; use [text]")
+    if cleaning is not None:
+        clean = CAPTION_CLEANINGS[cleaning]
+        texts = [clean(t) for t in texts]
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
     if cls_id is None or sep_id is None:
         raise ValueError("the tokenizer has no [CLS]/[SEP] token: the joint encoder needs a BERT WordPiece tokenizer")
@@ -155,11 +177,23 @@ def load_tokenizer(path: str):
 class EdjeJointEncoder(nn.Module):
     """BERT over ``[CLS] text [SEP] <image tokens> [SEP]`` -> one logit per pair (see the module docstring)."""
 
-    def __init__(self, config: BertConfig, token_dim: int = TOKEN_DIM, max_text_tokens: int = MAX_TEXT_TOKENS):
+    def __init__(
+        self,
+        config: BertConfig,
+        token_dim: int = TOKEN_DIM,
+        max_text_tokens: int = MAX_TEXT_TOKENS,
+        caption_cleaning: str | None = None,
+        num_image_tokens: int | None = None,
+    ):
         super().__init__()
+        if caption_cleaning is not None and caption_cleaning not in CAPTION_CLEANINGS:
+            raise ValueError(f"unknown caption cleaning {caption_cleaning!r}; use one of {sorted(CAPTION_CLEANINGS)}")
         self.config = config
         self.token_dim = int(token_dim)
         self.max_text_tokens = int(max_text_tokens)
+        self.caption_cleaning = caption_cleaning
+        # m the model was trained with, when known (the authors' adapter query): the store's must match
+        self.num_image_tokens = None if num_image_tokens is None else int(num_image_tokens)
         self.bert = BertModel(config, add_pooling_layer=True)
         hidden = config.hidden_size
         self.image_proj = nn.Identity() if self.token_dim == hidden else nn.Linear(self.token_dim, hidden)
@@ -239,9 +273,13 @@ class EdjeJointEncoder(nn.Module):
         out = self.bert(**self.build_inputs(input_ids, lengths, image_tokens))
         return self.itm_head(out.pooler_output).squeeze(-1).float()
 
+    def tokenize(self, tokenizer, texts: Sequence[str]) -> TextBatch:
+        """The texts as this model reads them: cleaned (``caption_cleaning``), capped at ``max_text_tokens``."""
+        return tokenize(tokenizer, texts, self.max_text_tokens, self.caption_cleaning)
+
     def score_texts(self, tokenizer, texts: Sequence[str], image_tokens) -> torch.Tensor:
         """Logits of pairs (texts[i], image_tokens[i]) on the model's device (no batching, no autocast)."""
-        batch = tokenize(tokenizer, texts, self.max_text_tokens)
+        batch = self.tokenize(tokenizer, texts)
         dev = next(self.parameters()).device
         x = torch.as_tensor(np.asarray(image_tokens) if not torch.is_tensor(image_tokens) else image_tokens)
         lengths = batch.lengths.to(dev) if batch.padded else None
@@ -270,7 +308,8 @@ class EdjeJointEncoder(nn.Module):
         ``checkpoint.pt(h)`` or the only ``*.safetensors/*.pt/*.pth/*.bin`` in
         the folder. ``config.json``: a Hugging Face ``BertConfig`` (an optional
         ``"edje": {"token_dim": 384, "max_text_tokens": 64}`` entry is read
-        too). Without one (and without ``config``), MiniLM-L12-H384 with the
+        too, with optional ``caption_cleaning`` and ``num_image_tokens``).
+        Without one (and without ``config``), MiniLM-L12-H384 with the
         sizes read from the weights' shapes (heads: ``num_attention_heads``,
         default 12). ``allow_missing_head``: keep a random score head when the
         checkpoint has none (a bare text model).

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from edje_indexer.rerank.joint_encoder import EdjeJointEncoder, tokenize
+from edje_indexer.rerank.joint_encoder import EdjeJointEncoder
 
 
 class Reranker:
@@ -62,6 +62,11 @@ class Reranker:
         m, d = int(store.tokens_per_image), int(store.token_dim)
         if d != model.token_dim:
             raise ValueError(f"the store's tokens are {d} wide; the model reads {model.token_dim}-wide tokens")
+        if model.num_image_tokens is not None and m != model.num_image_tokens:
+            raise ValueError(
+                f"the store has {m} tokens per image; the model was trained on {model.num_image_tokens} "
+                f"(its adapter's queries): index the images with the same checkpoint"
+            )
         if m > model.max_image_tokens:
             raise ValueError(
                 f"the store has {m} tokens per image; the model's {model.config.max_position_embeddings} "
@@ -136,7 +141,7 @@ class Reranker:
         out = np.empty(len(ids), np.float32)
         if not ids:
             return out
-        text = tokenize(self.tokenizer, [query], self.model.max_text_tokens)
+        text = self.model.tokenize(self.tokenizer, [query])
         input_ids = text.input_ids.to(self.device)
         logits = []  # left on the device until the end: no synchronisation per batch
         with self._autocast():
@@ -154,7 +159,7 @@ class Reranker:
         out = np.empty(len(ids), np.float32)
         if not ids:
             return out
-        text = tokenize(self.tokenizer, queries, self.model.max_text_tokens)
+        text = self.model.tokenize(self.tokenizer, queries)
         logits = []
         with self._autocast():
             for a, b, tokens in self._token_batches(ids):

@@ -56,7 +56,8 @@ def reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor, cfg: Adap
     att = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1) @ v
     h = att.transpose(1, 2).reshape(b, -1, d) @ p["attention.out_proj.weight"].T + p["attention.out_proj.bias"]
     y = F.layer_norm(h, (d,), p["layernorm.weight"], p["layernorm.bias"], eps=cfg.ln_eps)
-    y = F.gelu(y @ p["mlp.fc1.weight"].T + p["mlp.fc1.bias"], approximate="tanh") @ p["mlp.fc2.weight"].T
+    approximate = {"gelu": "none", "gelu_tanh": "tanh"}[cfg.activation]  # default: the exact (erf) GELU
+    y = F.gelu(y @ p["mlp.fc1.weight"].T + p["mlp.fc1.bias"], approximate=approximate) @ p["mlp.fc2.weight"].T
     h = h + y + p["mlp.fc2.bias"]
     return h @ p["projection.weight"].T + p["projection.bias"]
 
