@@ -22,7 +22,8 @@ demo/corpus/demo-000000.tar: | $(VENV)/.installed
 
 demo: $(VENV)/.installed demo/corpus/demo-000000.tar
 	$(VENV)/bin/edje-index index --input '$(DEMO_SHARDS)' --store demo/store --preset tiny
-	$(VENV)/bin/edje-index inspect demo/store
+	$(VENV)/bin/edje-index inspect demo/store --html demo/report.html
+	@echo "report: demo/report.html (open it in a browser)"
 
 # ruff.toml holds the settings; CI runs this as part of `make test`.
 lint: $(VENV)/.installed

@@ -34,7 +34,9 @@ setup(
         "braceexpand",
     ],
     extras_require={
-        "demo": ["scikit-image", "scikit-learn"],
+        "demo": ["scikit-image", "scikit-learn", "matplotlib>=3.7"],
+        # edje-index inspect --html: the report's charts
+        "report": ["matplotlib>=3.7"],
         "rerank": ["transformers>=4.40"],
         # Beam's DaskRunner on a dask.distributed cluster (also what the tests run as a real distributed engine)
         "dask": ["apache-beam[dask]"],
@@ -51,6 +53,8 @@ setup(
             "ruff",
             "apache-beam[dask]",
             "s3fs>=2024.12",
+            "matplotlib>=3.7",
+            "aiohttp",  # the browser test's DevTools client (also a dependency of s3fs)
         ],
     },
     entry_points={"console_scripts": ["edje-index=edje_indexer.pipeline.cli:main"]},

@@ -15,9 +15,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from edje_indexer.pipeline.options import EPILOG, add_index_arguments  # light: Beam's options module only
+    from edje_indexer.pipeline.flags import EPILOG, add_index_flags  # no Beam: store commands never import it
 
-    add_index_arguments(
+    add_index_flags(
         sub.add_parser(
             "index",
             help="index a corpus into a store (incremental)",
@@ -26,9 +26,24 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
 
-    ins = sub.add_parser("inspect", help="summarize a store")
+    ins = sub.add_parser("inspect", help="summarize a store; --html writes a report to open in a browser")
     ins.add_argument("store")
     ins.add_argument("--json", action="store_true")
+    ins.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write a self-contained HTML report: segments, rejects with thumbnails, token statistics, integrity",
+    )
+    ins.add_argument("--deep", action="store_true", help="with --html: verify --deep (reads every token once)")
+    ins.add_argument("--sample-rows", type=int, default=512, help="with --html: token rows sampled for statistics")
+
+    rj = sub.add_parser("rejected", help="list the dead-letter rows (rejected samples) across segments")
+    rj.add_argument("store")
+    rj.add_argument("--reason", help="only this reason (e.g. decode_error; 'inspect' lists them)")
+    rj.add_argument("--shard", help="only this shard (its URL or path)")
+    fmt = rj.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="a JSON list of rows")
+    fmt.add_argument("--parquet", metavar="OUT", help="write the rows to a Parquet file")
 
     g = sub.add_parser("get", help="decoded tokens of one image (float32 [m, d])")
     g.add_argument("store")
@@ -160,8 +175,37 @@ def _cmd_remove(args) -> int:
     return 0
 
 
+class _BeamImportNoise(logging.Filter):
+    """Beam logs this through the root logger on import when Google's client libraries are absent (they are
+    only for GCP I/O); it says nothing about this job."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
+
+
+def _cmd_inspect(args) -> int:
+    from edje_indexer.pipeline.summary import format_summary, summarize
+
+    if args.html:
+        import time
+
+        from edje_indexer.pipeline.report import write_report
+
+        t0 = time.perf_counter()
+        report = write_report(args.store, args.html, deep=args.deep, sample_rows=args.sample_rows)
+        print(f"wrote {args.html} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        s = report["summary"]
+    else:
+        s = summarize(args.store)
+    print(json.dumps(s, indent=1) if args.json else format_summary(s))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    root = logging.getLogger()
+    if not any(isinstance(f, _BeamImportNoise) for f in root.filters):
+        root.addFilter(_BeamImportNoise())
     args, rest = _parser().parse_known_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -176,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "index":
             return _cmd_index(argv[argv.index("index") + 1 :])
         if args.command == "inspect":
-            from edje_indexer.pipeline.summary import format_summary, summarize
+            return _cmd_inspect(args)
+        if args.command == "rejected":
+            from edje_indexer.pipeline.rejected import run as rejected_run
 
-            s = summarize(args.store)
-            print(json.dumps(s, indent=1) if args.json else format_summary(s))
-            return 0
+            return rejected_run(args)
         if args.command == "get":
             from edje_indexer.schemas.reader import TokenStore
 

@@ -21,7 +21,8 @@ from edje_indexer.pipeline.lock import StoreLock
 from edje_indexer.pipeline.maintenance import remove_uncommitted, retire
 from edje_indexer.pipeline.options import pipeline_options
 from edje_indexer.pipeline.plan import Plan, expand_pattern, plan
-from edje_indexer.schemas import layout, quantization
+from edje_indexer.pipeline.progress import JobProgress, TerminalBar, progress_line, stderr_is_terminal
+from edje_indexer.schemas import quantization
 from edje_indexer.schemas.index import load_index, read_commits, write_index
 from edje_indexer.schemas.records import CommitRecord, FailureRecord, ShardTask
 from edje_indexer.schemas.segment import read_failure
@@ -100,22 +101,38 @@ class JobResult:
         }
 
 
-def _progress(loc: Location, todo: dict[str, ShardTask], stop: threading.Event, every_s: float, t0: float):
-    """Log committed shards of this job every ``every_s`` (commit records work the same on every runner)."""
-    seen: dict[str, int] = {}
-    while not stop.wait(every_s):
-        try:
-            for name in loc.list(layout.COMMITS):
-                seg = name[:-5]
-                if seg in todo and seg not in seen:
-                    rec = CommitRecord.from_json(loc.read_json(layout.COMMITS, name))
-                    if todo[seg].done_by(rec):
-                        seen[seg] = rec.indexed
-        except (OSError, ValueError):
-            continue
-        n = sum(seen.values())
-        el = time.perf_counter() - t0
-        log.info("progress: %d/%d shards committed, %d images, %.1f images/s", len(seen), len(todo), n, n / el)
+def _progress(
+    loc: Location, todo: dict[str, ShardTask], stop: threading.Event, every_s: float, t0: float, bar: bool | None = None
+):
+    """This job's committed (and failed) shards, from the store's records, so the same on every runner: a live
+    bar while stderr is a terminal (``bar``: None decides so), else a log line every ``every_s``."""
+    try:
+        progress = JobProgress(loc, todo, t0)
+    except (OSError, ValueError) as e:
+        log.warning("no progress reports: %s", e)
+        return
+    if not (stderr_is_terminal() if bar is None else bar):
+        while not stop.wait(every_s):
+            try:
+                log.info("%s", progress_line(progress.poll()))
+            except (OSError, ValueError):  # a record being replaced, a flaky listing: next time
+                continue
+        return
+    poll_every = min(every_s, 1.0 if loc.is_local else 5.0)  # object stores: a listing costs a request
+    last_poll = -float("inf")
+    with TerminalBar() as terminal:
+        while True:
+            stopped = stop.wait(0.5)
+            snap = progress.snapshot()
+            if stopped or time.perf_counter() - last_poll >= poll_every:
+                last_poll = time.perf_counter()
+                try:
+                    snap = progress.poll()
+                except (OSError, ValueError):
+                    pass
+            terminal.show(snap)
+            if stopped:
+                return
 
 
 @contextlib.contextmanager
@@ -185,13 +202,17 @@ def run_job(cfg: JobConfig) -> JobResult:
         if the_plan.todo:
             todo = {t.segment: t for t in the_plan.todo}
             stop = threading.Event()
-            threading.Thread(target=_progress, args=(loc, todo, stop, cfg.progress_every_s, t0), daemon=True).start()
+            reporter = threading.Thread(
+                target=_progress, args=(loc, todo, stop, cfg.progress_every_s, t0), daemon=True, name="progress"
+            )
+            reporter.start()
             try:
                 with runner_context(beam_opts, len(the_plan.todo), cfg.dask_local_workers):
                     with beam.Pipeline(options=beam_opts) as p:
                         _ = p | "IndexShards" >> IndexShards(the_plan.todo, cfg.store, metadata, cfg.spec, cfg.settings)
             finally:
                 stop.set()
+                reporter.join(timeout=10)  # the bar's last state is drawn before the summary is printed
         seconds = time.perf_counter() - t0
         lock.check()  # the store-level writes below need the lock still ours
         # No attempt of this job may commit from here on, so what is committed now is final and an

@@ -3,7 +3,9 @@
 ``edje-index index`` hands its whole command line to ``PipelineOptions``, so
 the project's flags and Beam's (``--runner``, worker options) are one set of
 pipeline options that travel with the job. :func:`job_config` turns them into
-the typed :class:`pipeline.job.JobConfig`; each setting is defined once, here.
+the typed :class:`pipeline.job.JobConfig`. Each flag is defined once, in the
+Beam-free :mod:`pipeline.flags` (the command line's parser uses it without
+importing Beam).
 """
 
 from __future__ import annotations
@@ -12,15 +14,9 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-# FnApiRunner is Beam's in-process runner; naming it avoids DirectRunner's
-# attempt to download the Prism binary first.
-DEFAULT_RUNNER = "FnApiRunner"
-DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+from edje_indexer.pipeline.flags import DASK_RUNNER, DEFAULT_RUNNER, EPILOG, add_index_flags
 
-EPILOG = """Any other --flags are Beam pipeline options and pass through, e.g.
-  --runner DataflowRunner --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
-  --direct_num_workers 2 --direct_running_mode multi_processing   (local, several processes)
-The local default runner is FnApiRunner (no Prism download)."""
+__all__ = ["DASK_RUNNER", "DEFAULT_RUNNER", "EPILOG", "IndexOptions", "add_index_arguments", "job_config"]
 
 
 class IndexOptions(PipelineOptions):
@@ -28,55 +24,7 @@ class IndexOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        p = parser
-        p.add_argument("--input", help="shards: brace pattern, glob, comma list, paths or fsspec URLs (required)")
-        p.add_argument("--store", help="store folder or fsspec URL (required)")
-        p.add_argument("--preset", help="named model configuration (tiny, edje-siglip2-l16-384)")
-        p.add_argument("--backbone", help="any timm ViT name (without --preset: its own timm preprocessing)")
-        p.add_argument("--weights", help="backbone weights file or URL (safetensors/.pth); default: local HF cache")
-        p.add_argument("--adapter", help="adapter weights file or URL (authors' checkpoint or project safetensors)")
-        p.add_argument("--random-weights", action="store_true", help="seeded random backbone (recorded in the store)")
-        p.add_argument("--random-adapter", action="store_true", help="seeded random adapter (recorded in the store)")
-        p.add_argument("--quantize", default="fp16", choices=["fp16", "int8"])
-        p.add_argument("--id-policy", default="key", help="key (default: WebDataset __key__), shard-key, json:FIELD")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument(
-            "--decode-threads",
-            type=int,
-            default=0,
-            help="image decoding threads per worker (default 0: one per core, at most 16)",
-        )
-        p.add_argument(
-            "--decode-timeout",
-            type=float,
-            default=60.0,
-            help="seconds one image may take to decode before it is rejected (reason 'timeout')",
-        )
-        p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; cuda fails if no GPU is used")
-        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
-        p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
-        p.add_argument(
-            "--no-jpeg-draft",
-            dest="jpeg_draft",
-            action="store_false",
-            help="decode JPEGs at full size (changes the model identity)",
-        )
-        p.add_argument(
-            "--decoder",
-            choices=["pillow", "torchvision"],
-            default="pillow",
-            help="torchvision: JPEGs decoded on the model's device (nvJPEG on GPUs); changes the identity",
-        )
-        p.add_argument("--force", action="store_true", help="re-index shards even if committed")
-        p.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another job's store lock")
-        p.add_argument("--json", action="store_true", help="print the summary as JSON")
-        p.add_argument(
-            "--dask-local-workers",
-            type=int,
-            default=0,
-            help="with --runner DaskRunner and no --dask_client_address: start a local dask.distributed "
-            "cluster of N worker processes on 127.0.0.1 for this job",
-        )
+        add_index_flags(parser)
 
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -133,7 +81,17 @@ def job_config(opts: PipelineOptions):
     if missing:
         raise ValueError(f"edje-index index needs {' and '.join(missing)}")
     spec = resolve_spec(
-        o.preset, o.backbone, o.weights, o.adapter, o.random_weights, o.random_adapter, o.jpeg_draft, o.decoder
+        o.preset,
+        o.backbone,
+        o.weights,
+        o.adapter,
+        o.random_weights,
+        o.random_adapter,
+        o.jpeg_draft,
+        o.decoder,
+        checkpoint=o.checkpoint,
+        backbone_kwargs=o.backbone_kwargs,
+        adapter_activation=o.adapter_activation,
     )
     settings = IndexSettings(
         batch_size=o.batch_size,

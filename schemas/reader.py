@@ -21,6 +21,10 @@ Decode: ``get`` gathers the stored values into a per-thread scratch buffer
 and decodes them into the result: float16 -> float32 and int8 * scale go
 through torch when it is importable (numpy's float16 conversion is ~7x slower
 on x86); the result is bit-identical to :func:`schemas.quantization.dequantize`.
+torch is imported lazily: a reader uses it at once if the process has already
+imported it, and otherwise imports it (about 2 s) only for a request of at
+least ``TORCH_IMPORT_VALUES`` values or once it has decoded that many in all,
+so a one-off read of a few images (``edje-index get``) never waits for it.
 A local batch is gathered and decoded ~2 MB at a time, from the CPU cache.
 The decode always runs on the calling thread (see ``_decode``), so
 concurrent callers scale over cores and a busy machine does not stall it; it
@@ -35,6 +39,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -58,6 +63,10 @@ DECODE_CHUNK_BYTES = 2 << 20
 SERIAL_ELEMENTS = 32768
 # A thread keeps its scratch buffers up to this size between calls.
 SCRATCH_KEEP_BYTES = 64 << 20
+# Without torch imported yet, a reader decodes with numpy until one request, or all requests together, reach
+# this many values (~43 images of 64 x 384): importing torch costs ~2 s, numpy ~0.25 ms more per 43 images.
+TORCH_IMPORT_VALUES = 1 << 20
+_UNRESOLVED = object()
 
 TERMINATOR = b"\x01"  # see _id_keys
 
@@ -210,7 +219,27 @@ class TokenStore:
         self._local = threading.local()
         self._closed = False
         self.requests = 0  # byte-range requests made for rows on an object store (the read benchmark reports it)
-        self._torch = _torch()
+        self._torch_module = _UNRESOLVED  # torch, None (numpy only) or not looked up yet: see _torch_for
+        self._decoded_values = 0
+
+    @property
+    def _torch(self):
+        """torch as the decode uses it, or None (numpy only); imports it if that was not decided yet."""
+        if self._torch_module is _UNRESOLVED:
+            self._torch_module = _torch()
+        return self._torch_module
+
+    @_torch.setter
+    def _torch(self, module) -> None:
+        self._torch_module = module
+
+    def _torch_for(self, values: int):
+        """torch for a decode of ``values`` values, or None (numpy), importing torch only where it pays off."""
+        if self._torch_module is _UNRESOLVED:
+            self._decoded_values += values
+            if "torch" not in sys.modules and max(values, self._decoded_values) < TORCH_IMPORT_VALUES:
+                return None
+        return self._torch
 
     @classmethod
     def open(cls, url: str) -> TokenStore:
@@ -435,13 +464,14 @@ class TokenStore:
         step = max(k, 1)
         if self.location.is_local:  # decode from the CPU cache (remote: one read per segment for the batch)
             step = max(1, DECODE_CHUNK_BYTES // (self.tokens_per_image * self.token_dim * self._stored_dtype.itemsize))
+        torch = self._torch_for(out.size)
         for a in range(0, k, step):
             b = min(a + step, k)
             values, scales = self._read_raw(segs[a:b], rows[a:b], None, None)
-            self._decode(values, scales, out[a:b])
+            self._decode(values, scales, out[a:b], torch)
         return out
 
-    def _decode(self, values: np.ndarray, scales: np.ndarray | None, out: np.ndarray) -> None:
+    def _decode(self, values: np.ndarray, scales: np.ndarray | None, out: np.ndarray, torch=_UNRESOLVED) -> None:
         """out[...] = quantization.dequantize(values, scales, ...), bit for bit, with torch where it can.
 
         Always on the calling thread. With torch's intra-op threads (more than
@@ -450,8 +480,10 @@ class TokenStore:
         time slice whenever another thread or process holds a core (measured
         here: 8 ms p50 for k=10 on a busy 2-core machine, against 0.05 ms),
         and this memory-bound copy gains little from more cores anyway.
+        ``torch``: the module to use, or None for numpy (default: :meth:`_torch_for` decides).
         """
-        torch = self._torch
+        if torch is _UNRESOLVED:
+            torch = self._torch_for(out.size)
         if (
             torch is None
             or out.dtype not in (np.float32, np.float16)
