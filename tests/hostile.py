@@ -146,6 +146,27 @@ def webp() -> bytes:
     return _save(photo(seed=6), "WEBP", quality=80)
 
 
+# --- Image formats that are not decoded (only JPEG, PNG, WebP, GIF, BMP, TIFF are), under image names.
+
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+)  # written by hand: Pillow would hand it to Ghostscript to rasterise
+
+
+def other_format(fmt: str) -> bytes:
+    """A small image saved by Pillow as ``fmt`` (ICO, PCX, TGA, AVIF, ...)."""
+    return _save(photo(32, 32, seed=17), fmt)
+
+
+def can_save(fmt: str) -> bool:
+    try:
+        other_format(fmt)
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 # --- EXIF orientation. The image is 16x16 blocks of flat colour, aligned to
 # the JPEG block grid and saved without chroma subsampling: every 8x8 DCT
 # block is constant, so JPEG encodes a block and its rotation identically and
@@ -279,6 +300,7 @@ class Expect:
 
 
 INDEXED = Expect("indexed")
+UNSAFE_NAME = Expect("rejected", "read", "bad_id", "UnsafeMemberName")
 
 
 def decode_rejected(reason: str, error_type: str = "DecodeRejected") -> Expect:
@@ -313,6 +335,17 @@ SHARD_A_MEMBERS: list[tuple[str, str, bytes]] = [
     ("png_bomb_30000", "bomb_png.png", png_bomb()),
     ("jpeg_bomb_30000", "bomb_jpg.jpg", jpeg_bomb()),
     ("png_144_megapixels", "huge_png.png", png_bomb(OVER_LIMIT_SIDE, OVER_LIMIT_SIDE)),
+    ("eps_as_jpg", "eps.jpg", EPS),
+    ("ico_as_png", "icon.png", other_format("ICO")),
+    ("pcx_as_png", "pcx.png", other_format("PCX")),
+    ("tga_as_png", "tga.png", other_format("TGA")),  # TGA has no signature: found by a header-only open
+    *([("avif_as_jpg", "avif.jpg", other_format("AVIF"))] if can_save("AVIF") else []),
+    ("absolute_member_name", "/abs/x.jpg", jpeg(photo(seed=20))),
+    ("dotdot_member_name", "up/../b.jpg", jpeg(photo(seed=21))),
+    ("parent_member_name", "../parent.jpg", jpeg(photo(seed=22))),
+    ("dot_slash_member_name", "./dot.jpg", jpeg(photo(seed=23))),
+    ("double_slash_member_name", "a//b.jpg", jpeg(photo(seed=24))),
+    ("dot_component_member_name", "a/./c.jpg", jpeg(photo(seed=25))),
     ("no_image_member", "textonly.txt", b"a sample with a caption and metadata but no image"),
     ("no_image_member", "textonly.json", b'{"caption": "no image here"}'),
     ("duplicate_in_shard_first", "dup.png", YELLOW_PNG),
@@ -378,6 +411,28 @@ SAMPLE_CASES: list[SampleCase] = [
     ),
     SampleCase("jpeg_bomb_30000", SHARD_A, "bomb_jpg", "bomb_jpg.jpg", decode_rejected("too_many_pixels")),
     SampleCase("png_144_megapixels", SHARD_A, "huge_png", "huge_png.png", decode_rejected("too_many_pixels")),
+    SampleCase(
+        "eps_as_jpg", SHARD_A, "eps", "eps.jpg", decode_rejected("unsupported_format"), "never given to Ghostscript"
+    ),
+    SampleCase("ico_as_png", SHARD_A, "icon", "icon.png", decode_rejected("unsupported_format")),
+    SampleCase("pcx_as_png", SHARD_A, "pcx", "pcx.png", decode_rejected("unsupported_format")),
+    SampleCase("tga_as_png", SHARD_A, "tga", "tga.png", decode_rejected("unsupported_format")),
+    *(
+        [SampleCase("avif_as_jpg", SHARD_A, "avif", "avif.jpg", decode_rejected("unsupported_format"))]
+        if can_save("AVIF")
+        else []
+    ),
+    *[
+        SampleCase(case, SHARD_A, base_plus_ext(name)[0], name, UNSAFE_NAME, "as tarfile's data filter would refuse")
+        for case, name in [
+            ("absolute_member_name", "/abs/x.jpg"),
+            ("dotdot_member_name", "up/../b.jpg"),
+            ("parent_member_name", "../parent.jpg"),
+            ("dot_slash_member_name", "./dot.jpg"),
+            ("double_slash_member_name", "a//b.jpg"),
+            ("dot_component_member_name", "a/./c.jpg"),
+        ]
+    ],
     SampleCase(
         "no_image_member",
         SHARD_A,
@@ -556,6 +611,77 @@ def write_healthy(path: Path) -> Path:
     return write_tar(path, _numbered_samples("ok", 3, seed=500))
 
 
+# --- Tar headers that tarfile reads whole, follows by recursion, or fails on with a Python error.
+
+
+def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.mode, info.mtime = size, kind, 0o644, 1_700_000_000
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def _regular(name: str, data: bytes) -> bytes:
+    return _header(name, len(data)) + _padded(data)
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return f"{n}{body}".encode()
+
+
+def _pax(records: bytes, kind: bytes = tarfile.XHDTYPE) -> bytes:
+    return _header("././@PaxHeader", len(records), kind) + _padded(records)
+
+
+END_OF_ARCHIVE = b"\0" * 1024
+
+
+def write_oversized_long_name(path: Path, first: bool = False) -> Path:
+    """A GNU long-name header of 2 MiB (over the 1 MiB limit) naming a JPEG member; after two good
+    samples, or (``first``) as the very first header."""
+    name = b"n" * (2 << 20) + b".jpg\0"
+    bad = _header("././@LongLink", len(name), tarfile.GNUTYPE_LONGNAME) + _padded(name) + _regular("x.jpg", jpeg())
+    good = b"".join(_regular(n, d) for n, d in _numbered_samples("long", 2, seed=900))
+    path.write_bytes((bad + good if first else good + bad) + END_OF_ARCHIVE)
+    return path
+
+
+def write_pax_chain(path: Path) -> Path:
+    """Two good samples, then 3000 pax global headers before one member (tarfile recurses once per header)."""
+    good = b"".join(_regular(n, d) for n, d in _numbered_samples("chain", 2, seed=910))
+    chain = _pax(_pax_record("comment", "x"), tarfile.XGLTYPE) * 3000
+    path.write_bytes(good + chain + _regular("after.jpg", jpeg()) + END_OF_ARCHIVE)
+    return path
+
+
+def write_sparse_truncated(path: Path) -> Path:
+    """Two good samples, then an old-style GNU sparse header announcing extension blocks, and the
+    file ends (tarfile fails with IndexError)."""
+    good = b"".join(_regular(n, d) for n, d in _numbered_samples("sparse", 2, seed=920))
+    info = tarfile.TarInfo("s.jpg")
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 10
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    block[482] = 1  # isextended: more sparse structures follow in the next block
+    block[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(block))[0]
+    path.write_bytes(good + bytes(block) + b"\0" * 100)
+    return path
+
+
+def write_sparse_map_malformed(path: Path) -> Path:
+    """Two good samples, then a GNU sparse 1.0 member whose map is not numbers (tarfile: ValueError)."""
+    good = b"".join(_regular(n, d) for n, d in _numbered_samples("sparsemap", 2, seed=930))
+    pax = _pax(_pax_record("GNU.sparse.major", "1") + _pax_record("GNU.sparse.minor", "0"))
+    path.write_bytes(good + pax + _regular("s.jpg", b"zz\nxx") + END_OF_ARCHIVE)
+    return path
+
+
 SHARD_CASES: dict[str, tuple[str, object, ShardExpect]] = {
     # case name: (shard file name, writer, expectation)
     "healthy": ("healthy.tar", write_healthy, ShardExpect("committed", 3, 3, True, ids=("ok000", "ok001", "ok002"))),
@@ -596,6 +722,37 @@ SHARD_CASES: dict[str, tuple[str, object, ShardExpect]] = {
     ),
 }
 
+SHARD_CASES.update(
+    {
+        # extension headers over the limits or malformed: the shard ends there, as tar damage
+        "oversized_gnu_long_name": (
+            "long_name.tar",
+            write_oversized_long_name,
+            ShardExpect("committed", 2, 2, False, ids=("long000", "long001")),
+        ),
+        "oversized_first_header": (
+            "long_name_first.tar",
+            lambda p: write_oversized_long_name(p, first=True),
+            ShardExpect("committed", 0, 0, False),
+        ),
+        "pax_header_chain": (
+            "pax_chain.tar",
+            write_pax_chain,
+            ShardExpect("committed", 2, 2, False, ids=("chain000", "chain001")),
+        ),
+        "gnu_sparse_truncated": (
+            "sparse_truncated.tar",
+            write_sparse_truncated,
+            ShardExpect("committed", 2, 2, False, ids=("sparse000", "sparse001")),
+        ),
+        "gnu_sparse_map_malformed": (
+            "sparse_map.tar",
+            write_sparse_map_malformed,
+            ShardExpect("committed", 2, 2, False, ids=("sparsemap000", "sparsemap001")),
+        ),
+    }
+)
+
 PERMISSION_CASE = ("permission_denied", "no_permission.tar", ShardExpect("failed", error_type="PermissionError"))
 
 
@@ -619,3 +776,151 @@ def write_unreadable_corpus(root: Path) -> list[Path]:
     """Only shards that cannot be read: a missing path and a file that is not a tar."""
     root.mkdir(parents=True, exist_ok=True)
     return [root / "nowhere.tar", write_not_a_tar(root / "garbage.tar")]
+
+
+# ---------------------------------------------------------------- memory cases
+#
+# Small files that used to make a worker hold far more memory than their size
+# (tests/test_hostile_memory.py measures the peak RSS of indexing each one).
+# They are written as streams, so that building them holds little memory too.
+
+MIB = 1 << 20
+
+
+class _TarStream:
+    """Writes a tar stream through gzip, member by member, from repeated bytes."""
+
+    def __init__(self, path: Path):
+        self._f = gzip.GzipFile(path, "wb", compresslevel=1, mtime=0)
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def fill(self, pattern: bytes, n: int) -> None:
+        """Exactly ``n`` bytes of ``pattern``, repeated."""
+        chunk = (pattern * (MIB // len(pattern) + 1))[:MIB]
+        while n > 0:
+            self._f.write(chunk[: min(n, MIB)])
+            n -= MIB
+
+    def pad(self, size: int) -> None:
+        """The zeros that complete the last 512-byte block of ``size`` bytes of member data."""
+        self._f.write(b"\0" * (-size % tarfile.BLOCKSIZE))
+
+    def header(self, name: str, size: int, kind: bytes = tarfile.REGTYPE) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.type, info.mode, info.mtime = size, kind, 0o644, 1_700_000_000
+        self._f.write(info.tobuf(tarfile.USTAR_FORMAT))
+
+    def member(self, name: str, data: bytes = b"", size: int | None = None) -> None:
+        """A regular member: ``data``, then zeros up to ``size`` bytes."""
+        size = len(data) if size is None else size
+        self.header(name, size)
+        self._f.write(data)
+        self.fill(b"\0", size - len(data))
+        self.pad(size)
+
+    def close(self) -> None:
+        self._f.write(b"\0" * 1024)
+        self._f.close()
+
+
+def small_jpeg(seed: int) -> bytes:
+    return jpeg(photo(48, 64, seed=seed))
+
+
+def write_normal_shard(path: Path, n: int = 12, seed: int = 700) -> Path:
+    """The reference: ``n`` ordinary small JPEG samples, gzip'd like the memory cases."""
+    t = _TarStream(path)
+    for i in range(n):
+        t.member(f"n{i:03d}.jpg", small_jpeg(seed + i))
+    t.close()
+    return path
+
+
+# Image members of one sample in ascending rank (each outranks the one before it: the worst
+# case for "read an image member only if it outranks the one held").
+RANKS_ASCENDING = ("tiff", "tif", "bmp", "gif", "webp", "png", "jpeg", "jpg")
+BIG_MEMBER = 50 * MIB
+
+
+def write_many_image_members(path: Path) -> Path:
+    """Two samples of eight 50 MiB zero image members each (~1 MB gzip'd): ``same`` has eight
+    ``.jpg`` members (``same.v0.jpg`` ...), ``ranks`` one of each image extension, lowest rank
+    first. Both are rejected (zeros are no image); the samples around them are indexed."""
+    t = _TarStream(path)
+    t.member("before.jpg", small_jpeg(1))
+    for i in range(8):
+        t.member(f"same.v{i}.jpg", size=BIG_MEMBER)
+    for ext in RANKS_ASCENDING:
+        t.member(f"ranks.{ext}", size=BIG_MEMBER)
+    t.member("after.jpg", small_jpeg(2))
+    t.close()
+    return path
+
+
+LONG_HEADER = 256 * MIB
+
+
+def write_gnu_long_name(path: Path, size: int = LONG_HEADER) -> Path:
+    """A good sample, then a GNU long-name header of ``size`` bytes (~0.5 MB gzip'd) naming a
+    small JPEG member, then another good sample. tarfile reads such a header whole."""
+    t = _TarStream(path)
+    t.member("first.jpg", small_jpeg(3))
+    t.header("././@LongLink", size + 1, tarfile.GNUTYPE_LONGNAME)
+    t.fill(b"a", size - 4)
+    t.write(b".jpg\0")
+    t.pad(size + 1)
+    t.member("ignored.jpg", small_jpeg(4))
+    t.member("last.jpg", small_jpeg(5))
+    t.close()
+    return path
+
+
+def write_pax_header(path: Path, size: int = LONG_HEADER) -> Path:
+    """A good sample, then a pax extended header of about ``size`` bytes (one ``comment``
+    record) before a small JPEG member, then another good sample."""
+    t = _TarStream(path)
+    t.member("first.jpg", small_jpeg(6))
+    fixed = len(" comment=\n")
+    digits = len(str(size + fixed))
+    length = size + fixed + digits  # a pax record's length counts its own digits
+    assert len(str(length)) == digits
+    t.header("././@PaxHeader", length, tarfile.XHDTYPE)
+    t.write(f"{length} comment=".encode())
+    t.fill(b"c", size)
+    t.write(b"\n")
+    t.pad(length)
+    t.member("ignored.jpg", small_jpeg(7))
+    t.member("last.jpg", small_jpeg(8))
+    t.close()
+    return path
+
+
+def write_prefetch_window(path: Path, n: int = 12, size: int = 48 * MIB) -> Path:
+    """``n`` valid small JPEGs, each followed by zero padding up to ``size`` bytes (decoders stop at
+    the end of the image, so they decode): the decode window and the batches used to hold them."""
+    t = _TarStream(path)
+    for i in range(n):
+        t.member(f"padded{i:03d}.jpg", small_jpeg(800 + i), size=size)
+    t.close()
+    return path
+
+
+def gif_frames_bomb(side: int = 1024, frames: int = 300) -> bytes:
+    """A ~7 KB GIF: a ``side`` x ``side`` screen and ``frames`` frames of one pixel each.
+    Decoding every frame at screen size takes ``frames * side * side * 3`` bytes (900 MiB)."""
+    out = bytearray(b"GIF89a" + struct.pack("<HH", side, side) + bytes([0x80, 0, 0]) + bytes([255, 0, 0, 0, 0, 255]))
+    for i in range(frames):
+        out += b"\x21\xf9\x04\x00\x05\x00\x00\x00"  # graphic control: 50 ms
+        out += b"\x2c" + struct.pack("<HHHH", i % side, 0, 1, 1) + b"\x00" + b"\x02\x02\x44\x01\x00"
+    return bytes(out + b";")
+
+
+def write_gif_frames(path: Path) -> Path:
+    t = _TarStream(path)
+    t.member("first.jpg", small_jpeg(9))
+    t.member("frames.gif", gif_frames_bomb())
+    t.member("last.jpg", small_jpeg(10))
+    t.close()
+    return path

@@ -412,3 +412,130 @@ def test_images_queued_behind_a_timed_out_decode_are_not_rejected(tmp_path, monk
     res = index(shard, tmp_path / "store", "--decode-timeout", "1", "--decode-threads", "1")
     assert res.rc == 0, res.stderr
     assert res.summary["rejected_by_reason"] == {"timeout": 1} and res.summary["images_indexed"] == 3
+
+
+def test_no_ghostscript_is_ever_started(tmp_path, monkeypatch):
+    """EPS content in a .jpg member is refused from its header (unsupported_format), by both decoders:
+    Pillow's EPS plugin never rasterises it, so no Ghostscript process is started."""
+    import subprocess
+
+    from helpers import image_bytes, write_tar
+    from PIL import EpsImagePlugin, Image
+
+    from edje_indexer.transforms.decoders import TorchvisionDecoder
+
+    calls = []
+
+    def ghostscript(*a, **kw):
+        calls.append("EpsImagePlugin.Ghostscript")
+        raise AssertionError("Ghostscript must not run")
+
+    real_popen = subprocess.Popen
+
+    def popen(args, *a, **kw):
+        if "gs" in str(args).lower() or "ghostscript" in str(args).lower():
+            calls.append(args)
+        return real_popen(args, *a, **kw)
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    decoders = [lambda d: decode_image(d, PP), TorchvisionDecoder(PP).prepare]
+    decoders.append(TorchvisionDecoder(PP, batched_jpeg=True).prepare)
+    for decode in decoders:
+        with pytest.raises(DecodeRejected) as e:
+            decode(H.EPS)
+        assert e.value.reason == "unsupported_format" and "EPS" in str(e.value) and "%!PS" in str(e.value)
+    good = image_bytes(Image.new("RGB", (20, 20), (1, 2, 3)), "JPEG")
+    shard = write_tar(tmp_path / "eps.tar", [("eps.jpg", H.EPS), ("good.jpg", good)])
+    res = index(shard, tmp_path / "store")
+    assert res.rc == 0, res.stderr
+    assert res.summary["rejected_by_reason"] == {"unsupported_format": 1} and res.summary["images_indexed"] == 1
+    assert calls == []
+
+
+def test_ids_over_1_kib_are_rejected(tmp_path):
+    """At most MAX_ID_BYTES (1024) bytes of UTF-8, for ids from member names and from json fields."""
+    import json as json_
+
+    from helpers import image_bytes, write_tar
+    from PIL import Image
+
+    from edje_indexer.transforms.shards import MAX_ID_BYTES
+
+    assert MAX_ID_BYTES == 1024
+    img = image_bytes(Image.new("RGB", (20, 20), (9, 80, 7)), "JPEG")
+    fits = ["k" * 1024, "\u00e9" * 512, "short"]  # 1024, 1024 (2 bytes each) and 5 bytes
+    too_long = ["L" * 1025, "\u00e8" * 513]  # 1025 and 1026 bytes
+    by_name = write_tar(tmp_path / "names.tar", [(f"{k}.jpg", img) for k in too_long[:1] + fits + too_long[1:]])
+    res = index(by_name, tmp_path / "store-names")
+    assert res.rc == 0, res.stderr
+    assert res.summary["rejected_by_reason"] == {"bad_id": 2}
+    assert sorted(TokenStore.open(str(tmp_path / "store-names")).ids()) == sorted(fits)
+    rows = read_store_records(tmp_path / "store-names").rejected
+    assert sorted(r["member"] for r in rows) == sorted(f"{k}.jpg" for k in too_long)
+    for r in rows:
+        assert (r["id"], r["stage"], r["error_type"]) == (None, "read", "IdTooLong") and "1024" in r["message"]
+
+    members = []
+    for key, value in [("a", "x" * 1024), ("b", "y" * 1025), ("c", 10**1100), ("d", "ok")]:
+        members += [(f"{key}.jpg", img), (f"{key}.json", json_.dumps({"id": value}).encode())]
+    by_json = write_tar(tmp_path / "json.tar", members)
+    res = index(by_json, tmp_path / "store-json", "--id-policy", "json:id")
+    assert res.rc == 0, res.stderr
+    assert res.summary["rejected_by_reason"] == {"bad_id": 2}
+    assert sorted(TokenStore.open(str(tmp_path / "store-json")).ids()) == ["ok", "x" * 1024]
+
+
+STUCK_CHILD = r"""
+import sys, threading, time
+from edje_indexer.transforms import decoders
+
+real = decoders.PillowDecoder.prepare
+
+def prepare(self, data):
+    if data.startswith(b"\x89PNG"):
+        threading.Event().wait()  # a decode that never returns
+    return real(self, data)
+
+decoders.PillowDecoder.prepare = prepare
+from edje_indexer.pipeline.cli import main
+
+rc = main(sys.argv[1:])
+print("main returned", rc, time.time(), flush=True)
+sys.exit(rc)
+"""
+
+
+def test_a_stuck_decoder_does_not_keep_the_process_alive(tmp_path):
+    """The CLI process exits once the job is done, though one decode never returns: the decode
+    threads are daemon threads, which the interpreter's exit does not wait for."""
+    import subprocess
+    import sys
+
+    from helpers import image_bytes, write_tar
+    from PIL import Image
+
+    im = Image.new("RGB", (40, 30), (200, 10, 10))
+    shard = write_tar(
+        tmp_path / "stuck.tar", [("a.jpg", image_bytes(im, "JPEG")), ("stuck.png", image_bytes(im, "PNG"))]
+    )
+    argv = ["index", "--input", shard, "--store", str(tmp_path / "store"), "--preset", "tiny", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_CHILD, *argv, "--decode-timeout", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        returned = "main returned" in out
+        pytest.fail(f"the process did not exit ({'main() had returned' if returned else 'main() did not return'})")
+    exited = time.time()
+    line = next(x for x in out.splitlines() if x.startswith("main returned"))
+    assert proc.returncode == 0 and line.split()[2] == "0", err[-3000:]
+    assert exited - float(line.split()[3]) < 5, "the process lingered after main() returned"
+    summary = json.loads(out[: out.index("main returned")])
+    assert summary["rejected_by_reason"] == {"timeout": 1} and summary["images_indexed"] == 1

@@ -18,12 +18,17 @@ identity: Pillow- and torchvision-decoded stores are not mixed):
   CMYK) pass through ``prepare`` as bytes and are decoded in one batched
   ``torchvision.io.decode_jpeg(..., device=cuda)`` call (nvJPEG: ~12,000
   images/s on an H200 against ~190 per core for Pillow, edje.md); every other
-  image is decoded on the CPU at full size by ``torchvision.io.decode_image``
-  (Pillow where torchvision cannot). All are resized on the device by
+  image is decoded on the CPU at full size by torchvision's decoder for its
+  format (JPEG, PNG, WebP), or by Pillow (GIF: the first frame only; BMP,
+  TIFF; and what torchvision cannot decode). All are resized on the device by
   :meth:`Preprocess.resize_tensor`. ``batched_jpeg`` turns the pass-through on
   for any device: the tests run the batched path with the CPU as "device".
   torchvision 0.29 marks its image decoders deprecated in favour of
   TorchCodec; they are still the way to reach nvJPEG from torchvision today.
+
+Only :data:`SUPPORTED_FORMATS` are decoded, by either decoder: the format is
+found from the header before anything is decoded, and anything else is
+refused as ``unsupported_format`` (:func:`open_checked`).
 """
 
 from __future__ import annotations
@@ -75,18 +80,61 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+# The only formats decoded (Pillow's names). Pillow would otherwise try every format it knows
+# (~43, whatever the member's extension; EPS content goes to Ghostscript where installed), and
+# torchvision's decode_image also decodes AVIF and HEIC. An MPO (a JPEG with more pictures
+# after the first) opens through the JPEG plugin and counts as JPEG.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def identify_unsupported(data: bytes) -> str | None:
+    """Pillow's name for the format of ``data`` if it is an image format outside SUPPORTED_FORMATS,
+    found without decoding anything: Pillow's header-only open (nothing is loaded, so no
+    Ghostscript, no codec), or failing that the first format whose signature matches the first
+    bytes. None if it is no format Pillow knows, or if it has the signature of a supported format
+    (a damaged image then, not an unsupported one)."""
+    Image.init()
+    prefix = data[:16]
+
+    def accepts(fmt: str) -> bool:
+        accept = Image.OPEN[fmt][1]
+        try:
+            return bool(accept and accept(prefix))
+        except Exception:  # noqa: BLE001 -- a plugin's check failing means "not this format"
+            return False
+
+    if any(accepts(fmt) for fmt in SUPPORTED_FORMATS if fmt in Image.OPEN):
+        return None
+    others = [fmt for fmt in Image.ID if fmt not in SUPPORTED_FORMATS]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=others) as im:  # the header only: never loaded
+                return im.format
+    except Exception:  # noqa: BLE001 -- no header parses: name the first format whose signature matches
+        return next((fmt for fmt in others if accepts(fmt)), None)
+
+
 def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open lazily (header only) and refuse empty files and oversized declared sizes."""
+    """Open lazily (header only) and refuse empty files, formats outside SUPPORTED_FORMATS and
+    oversized declared sizes."""
     if not data:
         raise DecodeRejected("empty_file", "image member has zero bytes")
     with warnings.catch_warnings():
         # Pillow's DecompressionBombWarning is replaced by the explicit check below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
         except Image.DecompressionBombError as e:  # Pillow's own limit (2x MAX_IMAGE_PIXELS) hit first
             raise DecodeRejected("too_many_pixels", str(e)) from None
         except UnidentifiedImageError:
+            found = identify_unsupported(data)
+            if found is not None:
+                raise DecodeRejected(
+                    "unsupported_format",
+                    f"{found} image ({len(data)} bytes starting {data[:8]!r}): only "
+                    f"{', '.join(SUPPORTED_FORMATS)} images are decoded",
+                ) from None
             # Pillow's message names the BytesIO object (a memory address); say what the bytes were.
             raise UnidentifiedImageError(
                 f"not an image format Pillow can read ({len(data)} bytes starting {data[:8]!r})"
@@ -141,23 +189,37 @@ class RawJpeg:
 
 
 def _pillow_tensor(data: bytes) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
+    with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
+        im.load()  # an animation's first frame only
         im = to_rgb(ImageOps.exif_transpose(im))
         return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def decode_full(data: bytes) -> torch.Tensor:
-    """uint8 [3, h, w] on the CPU, EXIF-oriented, first frame of an animation."""
+# The formats torchvision decodes here. GIF goes to Pillow (torchvision decodes every frame of an
+# animation, at screen size), and so do BMP and TIFF (torchvision has no decoder for them).
+_TORCHVISION_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+
+
+def decode_full(data: bytes, fmt: str | None = None) -> torch.Tensor:
+    """uint8 [3, h, w] on the CPU, EXIF-oriented, first frame of an animation.
+
+    ``fmt`` is Pillow's name for the format (:func:`open_checked` finds it when not given, and
+    refuses what is not in SUPPORTED_FORMATS), so the format is known before anything is decoded.
+    torchvision only ever sees what Pillow identified as JPEG, PNG or WebP; its ``decode_image``
+    picks its decoder by the same leading signature bytes (checked before AVIF and HEIC)."""
     import torchvision.io as tvio
 
+    if fmt is None:
+        fmt = open_checked(data).format
+    if fmt not in _TORCHVISION_FORMATS:
+        return _pillow_tensor(data)
     try:
         x = tvio.decode_image(
             torch.frombuffer(bytearray(data), dtype=torch.uint8),
             mode=tvio.ImageReadMode.RGB,
             apply_exif_orientation=True,
         )
-        if x.ndim == 4:  # animated GIF: all frames
+        if x.ndim == 4:  # never for these formats; kept as a guard: the first frame only
             x = x[0]
         if x.dtype != torch.uint8:  # 16-bit PNG
             x = (x.float() / 257.0).round().clamp(0, 255).to(torch.uint8)
@@ -191,7 +253,7 @@ class TorchvisionDecoder:
             and im.getexif().get(0x0112, 1) in (0, 1)
         ):
             return RawJpeg(data)
-        x = decode_full(data)
+        x = decode_full(data, im.format)
         if self.device.type == "cpu" and not self.batched_jpeg:
             return self.pp.resize_tensor(x).permute(1, 2, 0).numpy()
         return x
@@ -214,7 +276,7 @@ class TorchvisionDecoder:
                     )
                 except RuntimeError:
                     try:
-                        x = decode_full(items[i].data).to(self.device, non_blocking=True)
+                        x = decode_full(items[i].data, "JPEG").to(self.device, non_blocking=True)
                     except Exception as e:  # noqa: BLE001 -- this image only
                         errors[i] = e
                         continue

@@ -3,7 +3,7 @@
 ::
 
     iter_shard (transforms/shards.py)    Sample | Rejection
-      -> OrderedDecodeMap                Decoded | Rejection      thread pool, input order kept, timeouts
+      -> OrderedDecodeMap                Decoded | Rejection      daemon threads, input order kept, timeouts
       -> fixed_batches                   Batch | Rejection        batch_size samples each (the last may be short)
       -> encode_batches                  EncodedBatch | Rejection batch k+1 starts before batch k is finished
       -> collect                         SegmentData              what schemas.segment.SegmentWriter writes
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -60,42 +62,128 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._t
 
 
+# At most this many bytes of encoded images are in the decode window at once (at least one image).
+MAX_PENDING_BYTES = 256 * 1024 * 1024
+
+
+class DaemonPool:
+    """A small thread pool (``submit``/``shutdown`` as ``concurrent.futures``) on daemon threads.
+
+    ``ThreadPoolExecutor`` joins its threads when the interpreter exits, so one
+    decode that never returns keeps the process alive after its job is done;
+    nothing ever waits for these threads. Threads start as work arrives, up to
+    ``threads``; after :meth:`shutdown`, each exits once its current task returns.
+    """
+
+    def __init__(self, threads: int, name: str = "decode"):
+        self._max, self._name = max(1, threads), name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)
+        self._closed = False
+
+    def submit(self, fn, *args) -> cf.Future:
+        if self._closed:
+            raise RuntimeError("cannot submit to a pool that was shut down")
+        fut: cf.Future = cf.Future()
+        self._queue.put((fut, fn, args))
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
+            t = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                self._queue.put(None)  # for the next thread
+                return
+            fut, fn, args = task
+            task = None
+            if fut.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as e:  # noqa: BLE001 -- handed to whoever waits for the future
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(result)
+                result = None
+            fut = fn = args = None  # nothing of this task stays referenced while the thread waits
+            self._idle.release()
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        """Never waits. ``cancel_futures``: tasks not started yet are cancelled."""
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    task = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not None:
+                    task[0].cancel()
+        self._queue.put(None)
+
+
 class OrderedDecodeMap:
     """Decode samples on a thread pool, up to ``prefetch`` ahead, yielding results in input order.
+
+    The window holds at most ``prefetch`` samples and, by their encoded bytes,
+    at most ``max_pending_bytes`` (always at least one sample, however large).
+    A sample's bytes are dropped (``Sample.data`` becomes ``b""``) as its decode
+    starts, so what follows holds pixels, not encoded images.
 
     A decode that overruns ``timeout_s`` (counted from its own start, not from
     when it was queued) becomes a ``timeout`` rejection. Python cannot kill
     the stuck thread, so it is written off: the pool is replaced and the
     images that had not started yet move to the new one, so none of them is
-    rejected for time spent queued behind it. :meth:`close` never waits for a
-    stuck decode.
+    rejected for time spent queued behind it. The threads are daemon threads
+    (:class:`DaemonPool`): :meth:`close` never waits for a stuck decode, and
+    neither does the interpreter's exit.
     """
 
-    def __init__(self, decoder: Decoder, threads: int, timeout_s: float, prefetch: int):
+    def __init__(
+        self,
+        decoder: Decoder,
+        threads: int,
+        timeout_s: float,
+        prefetch: int,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+    ):
         self.decoder, self.threads, self.timeout_s, self.prefetch = decoder, threads, timeout_s, prefetch
+        self.max_pending_bytes = max_pending_bytes
         self._pool = self._new_pool()
-        self._pending: collections.deque = collections.deque()  # (item, future or None, start times)
+        self._pending: collections.deque = collections.deque()  # (item, future or None, start times, bytes)
+        self._pending_bytes = 0
 
-    def _new_pool(self) -> cf.ThreadPoolExecutor:
-        return cf.ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+    def _new_pool(self) -> DaemonPool:
+        return DaemonPool(self.threads, "decode")
 
-    def _timed(self, data: bytes, started: list):
+    def _timed(self, item: Sample, started: list):
         started.append(time.monotonic())
+        data, item.data = item.data, b""
         return self.decoder.prepare(data)
 
     def _submit(self, item: Sample):
         started: list[float] = []
-        return item, self._pool.submit(self._timed, item.data, started), started
+        size = len(item.data)  # before the decode starts and drops the bytes
+        return item, self._pool.submit(self._timed, item, started), started, size
 
     def _write_off_stuck_thread(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown()
         self._pool = self._new_pool()
-        for i, (item, fut, _) in enumerate(self._pending):
+        for i, (item, fut, _, _) in enumerate(self._pending):
             if fut is not None and fut.cancel():  # not started: decode it on the new pool
                 self._pending[i] = self._submit(item)
 
+    def _pop(self) -> Decoded | Rejection:
+        entry = self._pending.popleft()
+        self._pending_bytes -= entry[3]
+        return self._resolve(entry)
+
     def _resolve(self, entry) -> Decoded | Rejection:
-        item, fut, started = entry
+        item, fut, started, _ = entry
         if fut is None:
             return item
         timeout = self.timeout_s
@@ -120,14 +208,21 @@ class OrderedDecodeMap:
     def __call__(self, items: Iterable[Sample | Rejection]) -> Iterator[Decoded | Rejection]:
         pending = self._pending
         for item in items:
-            pending.append(self._submit(item) if isinstance(item, Sample) else (item, None, None))
+            if isinstance(item, Sample):
+                while pending and self._pending_bytes + len(item.data) > self.max_pending_bytes:
+                    yield self._pop()
+                entry = self._submit(item)
+                self._pending_bytes += entry[3]
+                pending.append(entry)
+            else:
+                pending.append((item, None, None, 0))
             while len(pending) > self.prefetch:
-                yield self._resolve(pending.popleft())
+                yield self._pop()
         while pending:
-            yield self._resolve(pending.popleft())
+            yield self._pop()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(cancel_futures=True)
 
     def __enter__(self):
         return self
