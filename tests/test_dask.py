@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 
+import distributed  # noqa: E402 -- a test dependency (apache-beam[dask]): missing is an error
 import numpy as np
 import pytest
 from attempt_helpers import run_attempt, task_for
@@ -24,8 +25,6 @@ from helpers import image_bytes, write_tar
 from edje_indexer.pipeline.cli import main
 from edje_indexer.schemas import TokenStore, layout, read_commits
 from edje_indexer.schemas.storage import Location
-
-distributed = pytest.importorskip("distributed")
 
 TINY = ["--preset", "tiny"]
 

