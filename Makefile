@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_SHARDS := demo/corpus/demo-{000000..000002}.tar
 
-.PHONY: install demo lint test bench bench-incremental bench-read s3-server clean
+.PHONY: install demo lint test bench bench-incremental bench-read bench-scale s3-server clean
 
 $(VENV)/.installed: setup.py tests/servers.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-incremental: $(VENV)/.installed
 
 bench-read: $(VENV)/.installed
 	$(PY) -m edje_indexer.benchmarks.read $(BENCH_ARGS)
+
+# A job and a reader on stores of 10^3, 10^4 and 10^5 segments (10^7 ids): ~15 min, ~6 GB of disk.
+bench-scale: $(VENV)/.installed
+	$(PY) -m edje_indexer.benchmarks.scale $(BENCH_ARGS)
 
 # A local S3 server (SeaweedFS) for trying object storage by hand: prints the AWS_* variables to export.
 s3-server: $(VENV)/.installed

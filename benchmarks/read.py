@@ -1,7 +1,7 @@
 """Read benchmark: batched lookups by id through TokenStore, against plain numpy.
 
     python -m edje_indexer.benchmarks.read [--images 100000] [--images-per-segment 1000]
-                              [--quantization fp16|int8] [--dir DIR] [--batches-scale 1.0]
+                              [--quantization fp16|int8|int4|int4-rht] [--dir DIR] [--batches-scale 1.0]
     python -m edje_indexer.benchmarks.read --store-url s3://bucket/store [--images 20000]
 
 Builds a synthetic store with the real writer (benchmarks/synthetic_store.py)
@@ -11,6 +11,8 @@ of k = 10, 100 and 1000 distinct ids:
 
 * ``get``      ``TokenStore.get(ids)``: float32 [k, m, d], a new array per batch
 * ``get_out``  ``TokenStore.get(ids, out=buf)``: float32 into a reused buffer
+* ``get_fp16`` ``TokenStore.get(ids, dtype=np.float16)``: float16, a new array per batch
+  (the gather alone on an fp16 store)
 * ``get_raw``  ``TokenStore.get_raw(ids)``: stored values (and scales), new arrays
 * ``numpy_limit``  ``tokens_npy[rows]`` (and ``scales_npy[rows]``) on the
   memory-mapped ``.npy``, with the rows already known: the cost of the bytes
@@ -19,9 +21,12 @@ of k = 10, 100 and 1000 distinct ids:
   consumer pays for float32 (context for ``get``)
 
 The methods take turns on every batch, so a noisy neighbour slows them alike.
-Prints one JSON object: per k and method, images/s and p50/p99 latency per
-batch (ms), and the ratio of each reader method to ``numpy_limit`` (1.0 =
-as fast as the bytes allow); plus store size, open time and the machine's load.
+Prints one JSON object: per k and method, images/s (mean, and k / p50) and
+p50/p99 latency per batch (ms), and the ratio of each reader method to
+``numpy_limit`` (1.0 = as fast as the bytes allow), from the means and from
+the medians (``ratio_to_limit_p50``: steadier on a shared machine, where a
+preempted batch moves the mean); plus store size, open time and the machine's
+load. The goals are judged on the medians.
 Uses a temporary folder (removed after) unless ``--dir`` is given (a store
 already there with the same parameters is reused). Disk needed: about twice
 the store (49 kB per fp16 image); with too little free space the image count
@@ -82,15 +87,18 @@ def build(folder: str, args) -> tuple[list[str], float, bool]:
     if os.path.exists(os.path.join(folder, "benchmark.json")):
         os.remove(os.path.join(folder, "benchmark.json"))
     os.makedirs(folder, exist_ok=True)
-    int8 = args.quantization == "int8"
+    q = args.quantization
     tokens = np.lib.format.open_memmap(
-        os.path.join(folder, "tokens.npy"), mode="w+", dtype=np.int8 if int8 else np.float16, shape=(args.images, M, D)
+        os.path.join(folder, "tokens.npy"),
+        mode="w+",
+        dtype=quantization.stored_dtype(q),
+        shape=(args.images, *quantization.stored_row_shape(q, M, D)),
     )
     scales = (
         np.lib.format.open_memmap(
             os.path.join(folder, "scales.npy"), mode="w+", dtype=np.float16, shape=(args.images, M)
         )
-        if int8
+        if quantization.has_scales(q)
         else None
     )
 
@@ -127,6 +135,8 @@ def _stats(lat: list[float], k: int) -> dict:
     a = np.asarray(lat)
     return {
         "images_per_s": round(k * len(a) / a.sum()),
+        # k / p50: what a typical batch achieves; on a shared machine the mean is ruled by preempted batches
+        "p50_images_per_s": round(k / float(np.percentile(a, 50))),
         "p50_ms": round(float(np.percentile(a, 50)) * 1e3, 3),
         "p99_ms": round(float(np.percentile(a, 99)) * 1e3, 3),
     }
@@ -172,13 +182,17 @@ def run(args) -> dict:
         open_s = time.perf_counter() - t
         assert len(store) == n
         tok = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
-        sc = np.load(os.path.join(folder, "scales.npy"), mmap_mode="r") if args.quantization == "int8" else None
+        sc = (
+            np.load(os.path.join(folder, "scales.npy"), mmap_mode="r")
+            if quantization.has_scales(args.quantization)
+            else None
+        )
 
         # Warm cache: every byte of both copies read once, through the mappings that will be timed.
         t = time.perf_counter()
         for a in range(0, n, 1000):
             store.get_raw(ids[a : a + 1000])
-            np.asarray(tok[a : a + 1000]).sum(dtype=np.float64 if sc is None else np.int64)
+            np.asarray(tok[a : a + 1000]).sum(dtype=np.float64 if tok.dtype == np.float16 else np.int64)
             if sc is not None:
                 np.asarray(sc[a : a + 1000]).sum()
         warm_s = time.perf_counter() - t
@@ -206,25 +220,27 @@ def run(args) -> dict:
             methods = {
                 "get": lambda b: store.get(b[0]),
                 "get_out": lambda b, buf=buf: store.get(b[0], out=buf),
+                "get_fp16": lambda b: store.get(b[0], dtype=np.float16),
                 "get_raw": lambda b: store.get_raw(b[0]),
                 "numpy_limit": limit,
             }
             if not args.skip_numpy_decode:
                 methods["numpy_decode"] = numpy_decode
             r = {name: _stats(lat, k) for name, lat in _time(methods, batches).items()}
-            lim = r["numpy_limit"]["images_per_s"]
-            for name in ("get", "get_out", "get_raw"):
+            lim, lim50 = r["numpy_limit"]["images_per_s"], r["numpy_limit"]["p50_images_per_s"]
+            for name in ("get", "get_out", "get_fp16", "get_raw"):
                 r[name]["ratio_to_limit"] = round(r[name]["images_per_s"] / lim, 3)
+                r[name]["ratio_to_limit_p50"] = round(r[name]["p50_images_per_s"] / lim50, 3)
             r["batches"] = nb
             results[str(k)] = r
 
-        torch = store._torch
+        torch = store._rows.torch
         k1000 = results.get("1000", {})
         out = {
             "benchmark": "read",
             "images": n,
             "images_per_segment": args.images_per_segment,
-            "segments": len(store.commits),
+            "segments": store.segments,
             "quantization": args.quantization,
             "tokens_per_image": M,
             "token_dim": D,
@@ -241,8 +257,13 @@ def run(args) -> dict:
             "results": results,
             "goals": {
                 "k1000_get_at_least_50000_images_per_s": bool(k1000 and k1000["get"]["images_per_s"] >= 50000),
-                "k1000_get_raw_within_2x_of_numpy_limit": bool(k1000 and k1000["get_raw"]["ratio_to_limit"] >= 0.5),
-                "k1000_get_within_2x_of_numpy_limit": bool(k1000 and k1000["get"]["ratio_to_limit"] >= 0.5),
+                "k1000_get_at_least_half_the_numpy_limit": bool(k1000 and k1000["get"]["ratio_to_limit_p50"] >= 0.5),
+                "k1000_get_fp16_at_least_0.8_of_the_numpy_limit": bool(
+                    k1000 and k1000["get_fp16"]["ratio_to_limit_p50"] >= 0.8
+                ),
+                "k1000_get_raw_at_least_0.8_of_the_numpy_limit": bool(
+                    k1000 and k1000["get_raw"]["ratio_to_limit_p50"] >= 0.8
+                ),
                 "k100_get_p99_under_10ms": bool("100" in results and results["100"]["get"]["p99_ms"] < 10),
             },
             "machine": {

@@ -1,7 +1,7 @@
 """Reranker benchmark: pairs/s of EDJE's joint encoder, alone and reading its tokens from a store.
 
     python -m edje_indexer.benchmarks.rerank [--device cpu|cuda] [--layers 12] [--batch-size N] [--pairs N]
-                                [--text-len 24] [--quantization fp16|int8] [--store-images N]
+                                [--text-len 24] [--quantization fp16|int8|int4|int4-rht] [--store-images N]
                                 [--repeats 3] [--precision fp32|bf16] [--torch-threads N]
 
 The model is MiniLM-L12-H384 (rerank.joint_encoder.minilm_l12_h384_config, random
@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 import torch
+
+from edje_indexer.schemas.quantization import QUANTIZATIONS
 
 GOAL_PAIRS_PER_S = 50_000
 M, D = 64, 384
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, help="pairs per forward pass (default: 1024 on cuda, 32 on cpu)")
     p.add_argument("--pairs", type=int, help="pairs per timed run (default: 32 batches on cuda, 4 on cpu)")
     p.add_argument("--text-len", type=int, default=24, help="text tokens per pair, [CLS] and [SEP] included")
-    p.add_argument("--quantization", default="fp16", choices=["fp16", "int8"], help="of the synthetic store")
+    p.add_argument("--quantization", default="fp16", choices=list(QUANTIZATIONS), help="of the synthetic store")
     p.add_argument("--store-images", type=int, help="images in the synthetic store (default: min(pairs, 8192))")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 elsewhere")

@@ -3,7 +3,7 @@
 A store built here is what ``edje-index index`` writes for the same tokens, by
 construction: the root through :func:`schemas.store.create_or_check`, each
 segment through :class:`schemas.segment.SegmentWriter` (data, dead letters,
-commit record), and an index generation from :func:`schemas.index.write_index`.
+commit record), and the job log and id index from :func:`pipeline.finalize.finalize`.
 Only the tokens are fake: seeded random floats, quantized with
 :func:`schemas.quantization.quantize` so int8 stores are realistic too.
 
@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edje_indexer.schemas import layout, quantization
-from edje_indexer.schemas.index import load_index, read_commits, write_index
 from edje_indexer.schemas.records import CommitRecord, ModelIdentity, ShardTask, SourceVersion, StoreMetadata
 from edje_indexer.schemas.segment import SegmentData, SegmentWriter, new_attempt_id
 from edje_indexer.schemas.storage import Location
@@ -114,9 +113,10 @@ def write_segment(
 
 
 def finalize_index(url: str):
-    """Publish a new index generation from the commit records (the launcher's finalize step)."""
-    loc = Location(url)
-    return write_index(loc, load_index(loc, read_commits(loc)))
+    """Log every commit and publish the index: the launcher's finalize step, without a job's plan."""
+    from edje_indexer.pipeline.finalize import finalize
+
+    return finalize(Location(url), "synthetic").pointer
 
 
 @dataclass

@@ -4,7 +4,7 @@
         [--preset tiny | --backbone TIMM_NAME --random-weights --random-adapter]
         [-n 512] [--shards 4] [--batch-size 32] [--decode-threads 4]
                                     [--device cpu|cuda] [--precision fp32|bf16|fp16] [--compile]
-                                    [--quantize fp16|int8] [--torch-threads T] [--dir DIR]
+                                    [--quantize fp16|int8|int4|int4-rht] [--torch-threads T] [--dir DIR]
     python -m edje_indexer.benchmarks.throughput --rss-scaling [-n 256] [--shards 4] [--rss-factor 10] ...
 
 One command:
@@ -731,7 +731,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--quantize", default="fp16", choices=["fp16", "int8"])
+    ap.add_argument(
+        "--quantize",
+        default="fp16",
+        choices=["fp16", "int8", "int4", "int4-rht"],  # quantization.QUANTIZATIONS (no numpy at import)
+        help="the stored quantization name",
+    )
     ap.add_argument("-n", "--images", type=int, default=512)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)

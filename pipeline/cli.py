@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("--missing", action="store_true", help="every shard whose source no longer exists")
     rm.add_argument("--shard", action="append", default=[], help="a shard URL as recorded in its commit")
 
+    up = sub.add_parser(
+        "upgrade",
+        help="write the job log and id index runs of a store from before them (the next index job also does)",
+    )
+    up.add_argument("store")
+
     from edje_indexer.rerank.cli import add_arguments as rerank_arguments  # light: no torch/transformers import
 
     rerank_arguments(
@@ -79,14 +85,16 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_index(index_argv: list[str]) -> int:
     from edje_indexer.pipeline.job import run_job
     from edje_indexer.pipeline.options import IndexOptions, job_config, pipeline_options
-    from edje_indexer.pipeline.summary import summarize
+    from edje_indexer.pipeline.summary import data_bytes_per_image
+    from edje_indexer.schemas import Location
 
     opts = pipeline_options(index_argv)  # every flag, ours and Beam's: unknown ones are an error here
     args = opts.view_as(IndexOptions)
     cfg = job_config(opts)
     result = run_job(cfg)
     out = result.to_dict()
-    out["bytes_per_image"] = summarize(args.store, check_sources=False)["bytes_per_image"]
+    # this job's segments only: a summary of the whole store would read every commit record
+    out["bytes_per_image"] = data_bytes_per_image(Location(args.store), result.committed)
     if args.json:
         print(json.dumps(out, indent=1))
     else:
@@ -149,6 +157,29 @@ def _cmd_verify(args) -> int:
             f"{' (deep)' if args.deep else ''}"
         )
     return 0 if report["ok"] else 1
+
+
+def _cmd_upgrade(args) -> int:
+    from edje_indexer.pipeline.finalize import finalize
+    from edje_indexer.pipeline.lock import StoreLock
+    from edje_indexer.schemas import Location, job_log, read_pointer
+    from edje_indexer.schemas.store import open_metadata
+
+    loc = Location(args.store)
+    open_metadata(loc)  # a store, and one this version can read
+    with StoreLock(loc).acquire() as lock:
+        before = read_pointer(loc)
+        logged = job_log.has_log(loc)
+        done = finalize(loc, lock.token, None)  # every commit record, listed: what the log and index must hold
+    ptr = done.pointer
+    if logged and before is not None and before.format >= 2 and not done.added and not done.removed:
+        print(f"{args.store}: already current (job log entry {done.state.seq}, {len(ptr.runs)} id index run(s))")
+    else:
+        print(
+            f"{args.store}: job log at entry {done.state.seq}, id index generation {ptr.generation} "
+            f"({ptr.images} images in {len(ptr.runs)} run(s), {ptr.duplicates_count} duplicate ids)"
+        )
+    return 0
 
 
 def _cmd_remove(args) -> int:
@@ -240,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_verify(args)
         if args.command == "remove":
             return _cmd_remove(args)
+        if args.command == "upgrade":
+            return _cmd_upgrade(args)
         if args.command == "rerank":
             from edje_indexer.rerank.cli import run as rerank_run
 

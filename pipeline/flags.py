@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from edje_indexer.schemas.quantization import INT4_ROTATIONS
+
 # FnApiRunner is Beam's in-process runner; naming it avoids DirectRunner's
 # attempt to download the Prism binary first.
 DEFAULT_RUNNER = "FnApiRunner"
@@ -52,7 +54,20 @@ def add_index_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--random-weights", action="store_true", help="seeded random backbone (recorded in the store)")
     p.add_argument("--random-adapter", action="store_true", help="seeded random adapter (recorded in the store)")
-    p.add_argument("--quantize", default="fp16", choices=["fp16", "int8"])
+    p.add_argument(
+        "--quantize",
+        default="fp16",
+        choices=["fp16", "int8", "int4"],
+        help="how tokens are stored: fp16 (49,152 bytes per 64 x 384 image), int8 (24,704) or int4 (12,416); "
+        "int8 and int4 with one float16 scale per token (schemas/quantization.py)",
+    )
+    p.add_argument(
+        "--int4-rotation",
+        choices=list(INT4_ROTATIONS),
+        default="none",
+        help="with --quantize int4: none (default) or hadamard, a fixed seeded randomized block Hadamard "
+        "rotation of each token before quantizing, undone on decode (stored as quantization int4-rht)",
+    )
     p.add_argument("--id-policy", default="key", help="key (default: WebDataset __key__), shard-key, json:FIELD")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from edje_indexer.pipeline.finalize import finalize
 from edje_indexer.pipeline.lock import StoreLock
-from edje_indexer.pipeline.maintenance import remove_uncommitted, retire
+from edje_indexer.pipeline.maintenance import remove_leftovers
 from edje_indexer.pipeline.options import pipeline_options
 from edje_indexer.pipeline.plan import Plan, expand_pattern, plan
 from edje_indexer.pipeline.progress import JobProgress, TerminalBar, progress_line, stderr_is_terminal
-from edje_indexer.schemas import quantization
-from edje_indexer.schemas.index import load_index, read_commits, write_index
+from edje_indexer.schemas import job_log, quantization
 from edje_indexer.schemas.records import CommitRecord, FailureRecord, ShardTask
 from edje_indexer.schemas.segment import read_failure
 from edje_indexer.schemas.storage import Location
@@ -191,7 +191,12 @@ def run_job(cfg: JobConfig) -> JobResult:
     loc = Location(cfg.store)
     with StoreLock(loc).acquire(wait_s=cfg.lock_wait_s) as lock:
         metadata = create_or_check(loc, metadata)
-        the_plan = plan(urls, read_commits(loc), force=cfg.force, job_id=lock.token)
+        state = job_log.read_state(loc)  # O(1 + log entries since the last checkpoint) reads
+        dead_jobs_segments = sorted(set().union(*state.unfinished.values())) if state.unfinished else []
+        if state.unfinished:  # a job died after its "begin": log what it committed before planning on it
+            log.info("recovering %d unfinished job(s) from the job log", len(state.unfinished))
+            state = finalize(loc, lock.token, [], state=state).state
+        the_plan = plan(urls, state, force=cfg.force, job_id=lock.token)
         log.info(
             "plan: %d to index (%d changed), %d already committed",
             len(the_plan.todo),
@@ -199,7 +204,9 @@ def run_job(cfg: JobConfig) -> JobResult:
             len(the_plan.skipped),
         )
         t0 = time.perf_counter()
+        planned = [t.segment for t in the_plan.todo]
         if the_plan.todo:
+            job_log.begin(loc, state, lock.token, planned)  # what a crash from here on may leave committed
             todo = {t.segment: t for t in the_plan.todo}
             stop = threading.Event()
             reporter = threading.Thread(
@@ -218,12 +225,9 @@ def run_job(cfg: JobConfig) -> JobResult:
         # No attempt of this job may commit from here on, so what is committed now is final and an
         # uncommitted folder of this job is garbage (a late attempt's lease check fails).
         lock.close_commits()
-        commits = read_commits(loc)
-        index = load_index(loc, commits)
-        retired = retire([t.replaces for t in the_plan.todo if t.replaces and t.done_by(commits.get(t.segment))])
-        if not index.published or retired:
-            index = write_index(loc, index, retired)
-        removed = remove_uncommitted(loc, commits, keep=retired)
+        done = finalize(loc, lock.token, planned, state=state)
+        commits = done.state
+        removed = remove_leftovers(loc, sorted(set(planned) | set(dead_jobs_segments)), commits, keep=done.retired)
         if removed:
             log.info("removed %d uncommitted leftover(s) of earlier attempts: %s", len(removed), ", ".join(removed[:5]))
     committed, failed, not_finished = [], [], []
@@ -236,5 +240,12 @@ def run_job(cfg: JobConfig) -> JobResult:
         else:
             not_finished.append(t.url)
     return JobResult(
-        len(urls), the_plan, committed, failed, not_finished, seconds, index.table.num_rows, index.duplicates.num_rows
+        len(urls),
+        the_plan,
+        committed,
+        failed,
+        not_finished,
+        seconds,
+        done.pointer.images,
+        done.pointer.duplicates_count,
     )

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 from edje_indexer.schemas import layout
-from edje_indexer.schemas.index import load_index, read_commits, write_index
 from edje_indexer.schemas.records import CommitRecord
 from edje_indexer.schemas.storage import Location, filesystem
 
-_SIDE_FOLDERS = (layout.COMMITS, layout.REJECTED, layout.FAILED, layout.INDEX)
+_SIDE_FOLDERS = (layout.COMMITS, layout.REJECTED, layout.FAILED, layout.INDEX, "log")
 
 
 def retire(data_paths: list[str]) -> list[str]:
@@ -76,6 +75,44 @@ def remove_uncommitted(loc: Location, commits: dict[str, CommitRecord], keep=())
     return removed
 
 
+def remove_leftovers(loc: Location, segments: list[str], commits, keep=()) -> list[str]:
+    """Remove the data folders (and dead-letter tables) of ``segments`` that no commit record refers to:
+    what attempts of a job left behind, found by one prefix listing per segment (no listing of the store).
+    Same rules as :func:`remove_uncommitted`: only with commits closed, each folder's record read again."""
+    referenced = {commits[s].data_path for s in segments if s in commits} | set(keep)
+    tables = {"/".join(layout.rejected_path(p)) for p in referenced}
+    wanted = set(segments)
+    found = []
+    # Local disk: one listing per folder. Object stores: a prefix listing per segment, unless listing the
+    # whole folder takes fewer requests (1,000 names per page).
+    whole = loc.is_local or len(wanted) > max(len(commits), 1) / 1000
+    for folder in (layout.SEGMENTS, layout.REJECTED):
+        if whole:
+            names = [n for n in loc.list(folder) if layout.data_folder_segment(n.removesuffix(".parquet")) in wanted]
+        else:
+            names = [n for seg in sorted(wanted) for n in loc.list_prefix(folder, f"{seg}.")]
+        found += [f"{folder}/{n}" for n in names if folder == layout.SEGMENTS or n.endswith(".parquet")]
+    for folder in _SIDE_FOLDERS:  # interrupted atomic writes (local disk): a prefix listing each
+        found += [f"{folder}/{n}" for n in loc.list_prefix(folder, ".tmp-")]
+    removed = []
+    for rel in sorted(found):
+        if rel.rsplit("/", 1)[-1].startswith(".tmp-"):
+            loc.remove(*rel.split("/"))
+            removed.append(rel)
+            continue
+        if (
+            rel in referenced
+            or rel in tables
+            or layout.data_folder_segment(rel.rsplit("/", 1)[-1].removesuffix(".parquet")) not in wanted
+        ):
+            continue
+        if _committed_now(loc, rel):
+            continue
+        loc.remove(*rel.split("/"))
+        removed.append(rel)
+    return removed
+
+
 def missing_sources(commits: dict[str, CommitRecord]) -> list[str]:
     """Committed shards whose source file no longer exists."""
     out = []
@@ -91,10 +128,13 @@ def missing_sources(commits: dict[str, CommitRecord]) -> list[str]:
 
 def remove_segments(loc: Location, segments: list[str]) -> None:
     """Remove committed segments: the commit record first, so readers stop seeing them at once."""
-    commits = read_commits(loc)
+    from edje_indexer.pipeline.finalize import finalize
+    from edje_indexer.schemas.job_log import read_state
+
+    state = read_state(loc)
     for seg in segments:
-        rec = commits.pop(seg)
+        rec = state[seg]
         loc.remove(*layout.commit_path(seg))
         loc.remove(*rec.data_path.split("/"))
         loc.remove(*layout.rejected_path(rec.data_path))
-    write_index(loc, load_index(loc, commits))
+    finalize(loc, "remove", [], removed=list(segments), state=state)

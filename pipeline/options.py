@@ -74,6 +74,7 @@ def job_config(opts: PipelineOptions):
     """The typed job configuration of ``opts`` (model spec, worker settings, store choices)."""
     from edje_indexer.pipeline.job import JobConfig
     from edje_indexer.pipeline.presets import resolve_spec
+    from edje_indexer.schemas.quantization import with_int4_rotation
     from edje_indexer.transforms.indexer import IndexSettings
 
     o = opts.view_as(IndexOptions)
@@ -105,7 +106,7 @@ def job_config(opts: PipelineOptions):
         input=o.input,
         store=o.store,
         spec=spec,
-        quantization=o.quantize,
+        quantization=with_int4_rotation(o.quantize, o.int4_rotation),
         id_policy=o.id_policy,
         settings=settings,
         force=o.force,

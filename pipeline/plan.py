@@ -137,15 +137,19 @@ def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False,
     """
     out = Plan()
     versions = fingerprints(urls)
-    by_url = {layout.shard_key(canonical_url(c.shard)): s for s, c in commits.items()}
+    # segment -> shard URL without parsing every record (a StoreState has it; a dict of records is read)
+    shards = getattr(commits, "shards", None) or {s: c.shard for s, c in commits.items()}
+    by_url = None
     segments = set()
     for url in urls:
         seg = layout.segment_name(url)
-        if seg not in commits and layout.shard_key(url) in by_url:
-            seg = by_url[layout.shard_key(url)]
+        if seg not in commits:
+            if by_url is None:  # stores whose shards were named before URLs were canonical (built once)
+                by_url = {layout.shard_key(canonical_url(u)): s for s, u in shards.items()}
+            seg = by_url.get(layout.shard_key(url), seg)
         segments.add(seg)
         fp = versions[url]
-        old = commits.get(seg)
+        old = commits.brief(seg) if hasattr(commits, "brief") else commits.get(seg)  # a StoreState: no parsing
         task = ShardTask(url, seg, fp, job_id=job_id)
         if old is not None:
             same = old.source.same_version(fp)
@@ -157,5 +161,5 @@ def plan(urls: list[str], commits: dict[str, CommitRecord], force: bool = False,
             # an unchanged source re-indexed (--force) gets the next revision; a new folder either way
             task = ShardTask(url, seg, fp, old.revision + 1 if same else 0, replaces=old.data_path, job_id=job_id)
         out.todo.append(task)
-    out.missing_from_corpus = sorted(c.shard for s, c in commits.items() if s not in segments)
+    out.missing_from_corpus = sorted(u for s, u in shards.items() if s not in segments)
     return out

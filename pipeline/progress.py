@@ -10,6 +10,7 @@ in-process runner's workers) are printed above it, not through it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -75,6 +76,11 @@ def progress_bar(s: Snapshot, width: int) -> str:
     return ("[" + "#" * filled + "." * (cells - filled) + "]" + text)[: max(width - 1, 1)]
 
 
+# Up to this many shards still pending, a poll reads their commit records (one request each) instead of
+# listing commits/ (one request per 1,000 segments of the whole store on S3).
+DIRECT_READS = 256
+
+
 class JobProgress:
     """What the records say about ``todo`` (this job's tasks by segment) since the job started."""
 
@@ -96,14 +102,19 @@ class JobProgress:
         return out
 
     def poll(self) -> Snapshot:
-        """Read the records that appeared since the last poll (one listing per folder)."""
-        for name in self.loc.list(layout.COMMITS):
-            seg = name[: -len(".json")]
-            if seg in self.todo and seg not in self.committed:
-                rec = CommitRecord.from_json(self.loc.read_json(layout.COMMITS, name))
-                if self.todo[seg].done_by(rec):
-                    self.committed[seg] = rec.indexed
-                    self.failed.discard(seg)
+        """Read the records that appeared since the last poll: the pending ones directly while there are few
+        (a store of a million segments is not listed every few seconds), else one listing of commits/."""
+        pending = [s for s in self.todo if s not in self.committed]
+        if len(pending) <= DIRECT_READS:
+            names = [f"{s}.json" for s in pending]
+        else:
+            names = [n for n in self.loc.list(layout.COMMITS) if n[: -len(".json")] in self.todo]
+        wanted = [f"{layout.COMMITS}/{n}" for n in names if n[: -len(".json")] not in self.committed]
+        for raw in self.loc.read_many(wanted).values():
+            rec = CommitRecord.from_json(json.loads(raw))
+            if rec.segment in self.todo and self.todo[rec.segment].done_by(rec):
+                self.committed[rec.segment] = rec.indexed
+                self.failed.discard(rec.segment)
         for seg, when in self._failure_times().items():
             if self._failed_before.get(seg) != when:
                 self.failed.add(seg)

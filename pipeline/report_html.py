@@ -354,7 +354,7 @@ def _tokens(r: dict) -> str:
         e = t["int8_relative_error"]
         rows.append(
             (
-                "int8 relative error",
+                "quantization relative error",  # int8 and int4 alike (the key predates int4)
                 f"expected (rounding uniform in ±scale/2) median {e['expected_rms']['median']:.3%}, p99 "
                 f"{e['expected_rms']['p99']:.3%}; bound median {e['bound']['median']:.3%}, max {e['bound']['max']:.3%}",
             )

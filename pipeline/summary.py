@@ -46,6 +46,16 @@ def _tree_bytes(loc: Location) -> int:
     return walk(loc.root) if os.path.isdir(loc.root) else 0
 
 
+def data_bytes_per_image(loc: Location, records) -> float | None:
+    """Array bytes on disk per image of the given segments (what one job wrote: no look at the rest)."""
+    records = list(records)
+    images = sum(c.rows for c in records)
+    if not images:
+        return None
+    size = _local_data_bytes if loc.is_local else _data_bytes
+    return round(sum(size(loc, c.data_path) for c in records) / images, 1)
+
+
 def index_counts(loc: Location, commits: dict[str, CommitRecord]) -> tuple[int, int, int | None]:
     """(images, duplicate ids, generation) of the id index as of ``commits``. The published generation's
     pointer says so without reading its files when it covers exactly these commits; else the index is loaded."""
@@ -54,6 +64,10 @@ def index_counts(loc: Location, commits: dict[str, CommitRecord]) -> tuple[int, 
     rows = sum(c.rows for c in commits.values())
     if ptr is not None and ptr.segments == current and ptr.images + ptr.duplicates_count == rows:
         return ptr.images, ptr.duplicates_count, ptr.generation
+    # format 2 lists no segments: it covers these commits if its log entry logged exactly them
+    if ptr is not None and ptr.format >= 2 and ptr.segments_count == len(commits):
+        if ptr.images + ptr.duplicates_count == rows:
+            return ptr.images, ptr.duplicates_count, ptr.generation
     index = load_index(loc, commits)
     return index.table.num_rows, index.duplicates.num_rows, ptr.generation if ptr else None
 

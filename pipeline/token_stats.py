@@ -42,16 +42,17 @@ def sample_positions(commits: dict[str, CommitRecord], n_rows: int, seed: int = 
 
 
 def read_sample(loc: Location, meta: StoreMetadata, picks: list[tuple[CommitRecord, list]]):
-    """Stored values [k, m, d] and scales [k, m] (None for fp16) of the picked rows, and the segments read."""
+    """Stored values [k, m, d] (int4: [k, m, d / 2], packed) and scales [k, m] (None for fp16) of the picked
+    rows, and the segments read."""
     values, scales, read = [], [], 0
-    int8 = meta.quantization == "int8"
+    with_scales = quantization.has_scales(meta.quantization)
     for c, rows in picks:
         sel = np.asarray(rows, dtype=np.int64)
         try:
             tok = zarr.open_array(loc.url_of(c.data_path, layout.TOKENS), mode="r")
             v = tok.get_orthogonal_selection((sel, slice(None), slice(None)))
             s = None
-            if int8:
+            if with_scales:
                 s = zarr.open_array(loc.url_of(c.data_path, layout.SCALES), mode="r").get_orthogonal_selection(
                     (sel, slice(None))
                 )
@@ -61,9 +62,9 @@ def read_sample(loc: Location, meta: StoreMetadata, picks: list[tuple[CommitReco
         scales.append(np.asarray(s) if s is not None else None)
         read += 1
     m, d = meta.tokens_per_image, meta.token_dim
-    dtype = np.dtype(meta.token_encoding["tokens_dtype"])
-    v = np.concatenate(values) if values else np.zeros((0, m, d), dtype)
-    s = (np.concatenate(scales) if scales else np.zeros((0, m), np.float16)) if int8 else None
+    row_shape = quantization.stored_row_shape(meta.quantization, m, d)
+    v = np.concatenate(values) if values else np.zeros((0, *row_shape), quantization.stored_dtype(meta.quantization))
+    s = (np.concatenate(scales) if scales else np.zeros((0, m), np.float16)) if with_scales else None
     return v, s, read
 
 
@@ -85,8 +86,9 @@ def token_stats(loc: Location, meta: StoreMetadata, commits: dict[str, CommitRec
     """Statistics of a random sample of rows, plus the arrays the report's charts draw (``arrays``)."""
     picks = sample_positions(commits, n_rows, seed)
     values, scales, segments_read = read_sample(loc, meta, picks)
-    x = quantization.dequantize(values, scales, meta.quantization) if len(values) else values.astype(np.float32)
-    k, m, d = x.shape
+    m, d = meta.tokens_per_image, meta.token_dim
+    x = quantization.dequantize(values, scales, meta.quantization) if len(values) else np.zeros((0, m, d), np.float32)
+    k = x.shape[0]
     out = {
         "rows_sampled": int(k),
         "tokens_sampled": int(k * m),
@@ -119,7 +121,9 @@ def token_stats(loc: Location, meta: StoreMetadata, commits: dict[str, CommitRec
     )
     arrays = {"norms": norms.ravel(), "dim_mean": flat.mean(0), "dim_std": flat.std(0)}
     if scales is not None:
-        s = scales.astype(np.float64)  # the error of each value is at most scale / 2 (schemas/quantization.py)
+        # the error of each stored value is at most scale / 2 (schemas/quantization.py); int4-rht's rotation
+        # is orthogonal, so the bound on a token's L2 error is the same in its own coordinates
+        s = scales.astype(np.float64)
         ok = norms > 0
         bound = (s / 2 * math.sqrt(d))[ok] / norms[ok]
         rms = (s * math.sqrt(d / 12))[ok] / norms[ok]  # rounding error uniform in [-scale/2, scale/2]

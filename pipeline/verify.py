@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -9,8 +10,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
-from edje_indexer.schemas import layout
-from edje_indexer.schemas.index import load_index, read_commits, read_pointer, retired_paths
+from edje_indexer.schemas import job_log, layout, quantization
+from edje_indexer.schemas.index import IndexDamaged, load_index, read_commits, read_pointer, retired_paths
 from edje_indexer.schemas.remote_rows import SHARD_INDEX_CRC, SHARD_INDEX_ENTRY
 from edje_indexer.schemas.segment import ids_checksum, token_checksum
 from edje_indexer.schemas.storage import Location
@@ -23,8 +24,9 @@ def chunk_problems(loc: Location, data_path: str, n: int, m: int, d: int, tok_dt
     if n == 0:
         return []
     out = []
-    sizes = {layout.TOKENS: ((0, 0, 0), n * m * d * tok_dtype.itemsize)}
-    if quant == "int8":
+    row_values = int(np.prod(quantization.stored_row_shape(quant, m, d)))  # int4: d / 2 bytes per token
+    sizes = {layout.TOKENS: ((0, 0, 0), n * row_values * tok_dtype.itemsize)}
+    if quantization.has_scales(quant):
         sizes[layout.SCALES] = ((0, 0), n * m * 2)
     for name, (key, data_bytes) in sizes.items():
         expected = data_bytes + n * SHARD_INDEX_ENTRY + SHARD_INDEX_CRC
@@ -39,6 +41,49 @@ def chunk_problems(loc: Location, data_path: str, n: int, m: int, d: int, tok_dt
     if not loc.exists(data_path, layout.IDS, "c", "0"):
         out.append("ids chunk file c/0 is missing")
     return out
+
+
+def check_index_files(loc: Location, ptr) -> None:
+    """IndexDamaged unless every file of the published generation has the sha256 it was written with (reads
+    them all: readers check only small run files at open, see schemas/index.py)."""
+    for name in ptr.files():
+        want = ptr.checksums.get(name)
+        if want is None:
+            continue
+        if hashlib.sha256(loc.read_bytes(layout.INDEX, name)).hexdigest() != want:
+            raise IndexDamaged(f"id index file {loc.url_of(layout.INDEX, name)} does not match its checksum (damaged)")
+
+
+def log_problems(loc: Location, commits: dict) -> tuple[list[str], list[str], set[str]]:
+    """What the job log says against the commit records (the truth), and the segments committed by a job
+    that did not finish, which the log (and so the index) does not hold yet."""
+    if not job_log.has_log(loc):
+        return [], ["no job log yet (a store from before it, or before its first job finished)"], set()
+    try:
+        state = job_log.read_state(loc)
+    except (ValueError, OSError) as e:
+        return [f"the job log is unusable: {e}"], [], set()
+    problems, warnings, unlogged = [], [], set()
+    pending = set().union(*state.unfinished.values()) if state.unfinished else set()
+    for seg, c in commits.items():
+        logged = state.get(seg)
+        if logged is not None and logged.data_path == c.data_path:
+            continue
+        if seg in pending:
+            unlogged.add(seg)
+            warnings.append(
+                f"segment {seg} is committed but not logged yet (a job that did not finish): the next job logs it"
+            )
+        else:
+            said = logged.data_path if logged else "nothing"
+            problems.append(f"segment {seg}: the job log says {said}, the commit record {c.data_path}")
+    for seg in state:
+        if seg not in commits:
+            problems.append(f"segment {seg} is in the job log but has no commit record")
+    ptr = read_pointer(loc)
+    if ptr is not None and ptr.format >= 2 and ptr.log_seq > state.seq:
+        problems.append(f"the id index reflects log entry {ptr.log_seq}, past the log's end ({state.seq})")
+    return problems, warnings, unlogged
 
 
 def verify(url: str, deep: bool = False) -> dict:
@@ -63,8 +108,9 @@ def verify(url: str, deep: bool = False) -> dict:
             problems.append(f"{where}: {c.accounting_error()}")
         try:
             group = zarr.open_group(loc.url_of(c.data_path), mode="r")
-            arrays = {layout.TOKENS: ((n, m, d), tok_dtype), layout.IDS: ((n,), None)}
-            if quant == "int8":
+            stored_shape = (n, *quantization.stored_row_shape(quant, m, d))  # int4: [n, m, d / 2], packed
+            arrays = {layout.TOKENS: (stored_shape, tok_dtype), layout.IDS: ((n,), None)}
+            if quantization.has_scales(quant):
                 arrays[layout.SCALES] = ((n, m), np.dtype("float16"))
             for name, (shape, dtype) in arrays.items():
                 arr = group[name]
@@ -91,12 +137,17 @@ def verify(url: str, deep: bool = False) -> dict:
         if not c.complete:
             warnings.append(f"{where}: shard was incomplete when read ({c.incomplete_reason})")
 
+    problems_log, warnings_log, unlogged = log_problems(loc, commits)
+    problems += problems_log
+    warnings += warnings_log
+    covered = {s: c for s, c in commits.items() if s not in unlogged}  # what the index must cover
     index = None
     if not loc.exists(layout.INDEX, layout.INDEX_POINTER):
         problems.append("no id index (index/CURRENT.json): run the same index command again to finalize")
     else:
         try:
-            index = load_index(loc, commits)
+            check_index_files(loc, read_pointer(loc))
+            index = load_index(loc, covered)
         except (ValueError, OSError) as e:  # a damaged index file or pointer
             problems.append(f"the id index is unusable: {e}")
             index = None
@@ -104,7 +155,7 @@ def verify(url: str, deep: bool = False) -> dict:
         if not index.published:
             problems.append("the id index does not cover every committed segment: run the index command again")
         total = index.table.num_rows + index.duplicates.num_rows
-        stored_rows = sum(c.rows for c in commits.values())
+        stored_rows = sum(c.rows for c in covered.values())
         if total != stored_rows:
             problems.append(f"the id index holds {total} rows, the segments {stored_rows}")
         elif deep:
@@ -115,7 +166,7 @@ def verify(url: str, deep: bool = False) -> dict:
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 seg, pick = segs[order[lo]], order[lo:hi]
                 try:
-                    stored = zarr.open_group(loc.url_of(commits[seg].data_path), mode="r")[layout.IDS][...]
+                    stored = zarr.open_group(loc.url_of(covered[seg].data_path), mode="r")[layout.IDS][...]
                 except (KeyError, FileNotFoundError, ValueError, OSError) as e:
                     problems.append(f"the ids of segment {seg} are unreadable: {type(e).__name__}: {e}")
                     continue
@@ -125,7 +176,7 @@ def verify(url: str, deep: bool = False) -> dict:
         if index.duplicates.num_rows:
             warnings.append(
                 f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "
-                f"(listed in index/{read_pointer(loc).duplicates})"
+                f"(listed in index/{', index/'.join(n for n in read_pointer(loc).files() if 'duplicates' in n)})"
             )
     leftovers = find_uncommitted(loc, commits, keep=retired_paths(loc))
     if leftovers:

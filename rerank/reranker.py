@@ -4,11 +4,12 @@ Reading tokens (``Reranker``)
 -----------------------------
 On the CPU the candidates' tokens come from ``TokenStore.get`` (float32,
 decoded by the store). On any other device the stored values come from
-``TokenStore.get_raw`` (fp16, or int8 + fp16 scales: half or a quarter of the
-bytes to move) and are decoded on the device by
-:func:`schemas.quantization.dequantize_torch`; both give bit-identical float32
-tokens. The next batch is read on a helper thread while the current one is
-scored. On CUDA the encoder runs under bf16 autocast.
+``TokenStore.get_raw`` (fp16, int8 + fp16 scales, or packed int4 + fp16 scales:
+a half, a quarter or an eighth of the bytes to move) and are decoded on the
+device by :func:`schemas.quantization.dequantize_torch` (int4-rht's rotation
+undone there too); both give bit-identical float32 tokens. The next batch is
+read on a helper thread while the current one is scored. On CUDA the encoder
+runs under bf16 autocast.
 """
 
 from __future__ import annotations

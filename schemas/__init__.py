@@ -4,8 +4,8 @@ Everything that reads or writes a store goes through this package; it imports
 neither Beam nor the model code, so readers and tools stay light.
 """
 
-from edje_indexer.schemas import layout, quantization, tables
-from edje_indexer.schemas.index import IdIndex, load_index, read_commits, read_pointer, write_index
+from edje_indexer.schemas import job_log, layout, quantization, tables
+from edje_indexer.schemas.index import IdIndex, load_index, read_commits, read_pointer
 from edje_indexer.schemas.reader import TokenStore, UnknownIdError
 from edje_indexer.schemas.records import (
     CommitRecord,
@@ -40,6 +40,7 @@ __all__ = [
     "TokenStore",
     "UnknownIdError",
     "create_or_check",
+    "job_log",
     "layout",
     "load_index",
     "new_metadata",
@@ -50,5 +51,4 @@ __all__ = [
     "read_pointer",
     "read_rejected",
     "tables",
-    "write_index",
 ]

@@ -6,15 +6,22 @@
       zarr.json                    attributes["edje"] = store metadata (written once, before data)
       segments/                    Zarr group
         <segment>.<source>/        one Zarr group per input shard version, one writer
-          tokens  [n, m, d]        float16 (fp16) or int8 (int8); sharded, 1 image per inner chunk
-          scales  [n, m]           float16, int8 only: value = tokens * scales[..., None]
+          tokens  [n, m, d]        float16 (fp16) or int8 (int8); sharded, 1 image per inner chunk;
+                  [n, m, d / 2]    uint8 (int4, int4-rht): two 4-bit values per byte
+          scales  [n, m]           float16, all but fp16 (int8: value = tokens * scales[..., None]);
+                                   each token array's attributes["encoding"] say how to decode
+                                   (schemas/quantization.py encoding(): nibble order, rotation, ...)
           ids     [n]              string (vlen-utf8)
       commits/<segment>.json       commit record: the segment exists for readers only through it
       rejected/<segment>.<source>.parquet  dead-letter rows of that data version (schemas.tables.REJECTED_SCHEMA)
       failed/<segment>.json        a shard that could not be read at all (retried by the next run)
-      index/CURRENT.json           points to the newest id index generation
-      index/ids-<gen>.parquet      id -> (segment, row), sorted by id (schemas.tables.INDEX_SCHEMA)
-      index/duplicates-<gen>.parquet  every id stored more than once
+      log/<seq>.json               the job log: what each job committed (schemas/job_log.py)
+      log/checkpoint-<seq>.parquet every commit record as of entry <seq>; log/_checkpoint.json names the newest
+      index/CURRENT.json           the id index readers open: its runs (schemas/index.py)
+      index/run-<gen>.ids.arrow    id -> (segment, row) of one job's segments, sorted by id hash (schemas/id_runs.py)
+      index/run-<gen>.segments.arrow    the segments that run points into (data path, rows)
+      index/run-<gen>.duplicates.parquet  occurrences of ids already stored, found by that job
+      (index/ids-<gen>.parquet, index/duplicates-<gen>.parquet: the one-table index of stores written before runs)
       _lock                        held by a running job (see pipeline/lock.py)
       .cas/                        local disk only: flock files that serialise compare-and-swap writes
 
@@ -37,7 +44,7 @@ Names:
 Token arrays use Zarr's sharding codec with one shard per segment and one
 image per inner chunk, uncompressed (fp16 tokens barely compress). Any Zarr v3
 reader can read them; because the inner chunks are written in order, each
-shard file is also a plain row-major block of ``n * m * d`` values followed by
+shard file is also a plain row-major block of ``n * m * d`` values (int4: ``n * m * d / 2`` bytes) followed by
 the shard index, which the project's own reader (schemas.store) verifies and
 memory-maps for fast gathers by id.
 """
@@ -109,7 +116,9 @@ _DATA_FOLDER = re.compile(
 
 
 _SEGMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
-_INDEX_FILE = re.compile(r"^(ids|duplicates)-[0-9]{1,12}\.parquet$")
+_INDEX_FILE = re.compile(
+    r"^((ids|duplicates)-[0-9]{1,12}\.parquet|run-[0-9]{1,12}\.(ids\.arrow|segments\.arrow|duplicates\.parquet))$"
+)
 
 
 class UnsafePath(ValueError):

@@ -293,23 +293,34 @@ class FailureRecord(_Record):
 
 @dataclass(frozen=True)
 class IndexPointer(_Record):
-    """Which id index generation is current, and which commits it reflects."""
+    """Which id index generation is current: ``runs`` (format 2, schemas/id_runs.py), or one ``ids`` table
+    plus ``duplicates`` (format 1, stores written before runs, which also listed every segment covered)."""
 
     WHAT: ClassVar[str] = "index pointer"
 
     generation: int
-    ids: str  # file name in index/
-    duplicates: str  # file name in index/
-    segments: dict  # segment -> data_path the generation covers
+    ids: str = ""  # format 1: file name in index/
+    duplicates: str = ""  # format 1: file name in index/
+    segments: dict = field(default_factory=dict)  # format 1: segment -> data_path the generation covers
     retired: list = field(default_factory=list)  # superseded data kept one job longer for open readers
     images: int = 0
     duplicates_count: int = 0
-    checksums: dict = field(default_factory=dict)  # file name -> sha256 of its bytes (checked on load)
+    checksums: dict = field(default_factory=dict)  # file name -> sha256 of its bytes
+    runs: list = field(
+        default_factory=list
+    )  # format 2: oldest first, each {"ids", "segments", "duplicates", "entries"}
+    segments_count: int = 0  # format 2: committed segments
+    log_seq: int = 0  # format 2: the job log entry (schemas/job_log.py) this generation reflects
+    format: int = 1
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
-        check_index_file(self.ids)
-        check_index_file(self.duplicates)
+        if self.format == 1:
+            check_index_file(self.ids)
+            check_index_file(self.duplicates)
+        for run in self.runs:
+            for key in ("ids", "segments", "duplicates"):
+                check_index_file(run[key])
         for segment, path in self.segments.items():
             check_segment_name(segment)
             check_data_path(path)
@@ -320,6 +331,12 @@ class IndexPointer(_Record):
                 check_data_path("segments/" + path[len("rejected/") : -len(".parquet")])
             else:
                 check_data_path(path)
+
+    def files(self) -> list[str]:
+        """Every file of this generation in index/."""
+        if self.format == 1:
+            return [self.ids, self.duplicates]
+        return [run[k] for run in self.runs for k in ("ids", "segments", "duplicates")]
 
 
 @dataclass(frozen=True)

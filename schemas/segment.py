@@ -75,16 +75,16 @@ class SegmentData:
     """What one shard produced: the stored rows and the dead-letter rows."""
 
     ids: list[str]
-    values: np.ndarray  # [n, m, d], the stored dtype
-    scales: np.ndarray | None  # [n, m] float16 (int8), or None
+    values: np.ndarray  # [n, m, d] (int4: [n, m, d / 2] packed), the stored dtype
+    scales: np.ndarray | None  # [n, m] float16 (int8, int4), or None (fp16)
     rejected: list[dict] = field(default_factory=list)  # rows of tables.REJECTED_SCHEMA
 
     @classmethod
     def empty(cls, metadata: StoreMetadata) -> SegmentData:
-        m, d = metadata.tokens_per_image, metadata.token_dim
-        dtype = np.dtype(metadata.token_encoding["tokens_dtype"])
-        scales = np.zeros((0, m), np.float16) if metadata.quantization == "int8" else None
-        return cls([], np.zeros((0, m, d), dtype), scales)
+        m, d, quant = metadata.tokens_per_image, metadata.token_dim, metadata.quantization
+        scales = np.zeros((0, m), np.float16) if quantization.has_scales(quant) else None
+        values = np.zeros((0, *quantization.stored_row_shape(quant, m, d)), quantization.stored_dtype(quant))
+        return cls([], values, scales)
 
 
 class LeaseLost(RuntimeError):
@@ -116,15 +116,25 @@ class SegmentWriter:
 
     def __init__(self, loc: Location, metadata: StoreMetadata):
         self.loc, self.metadata = loc, metadata
-        self.encoding = quantization.ENCODINGS[metadata.quantization]
+        self.encoding = quantization.encoding(metadata.quantization, metadata.token_dim)
+        # [m, d], or [m, d / 2] for int4 (two values per byte)
+        self.row_shape = quantization.stored_row_shape(
+            metadata.quantization, metadata.tokens_per_image, metadata.token_dim
+        )
+        self.dtype = quantization.stored_dtype(metadata.quantization)
 
     def _write_arrays(self, data_path: str, data: SegmentData) -> dict:
         n, m, d = data.values.shape
-        if (m, d) != (self.metadata.tokens_per_image, self.metadata.token_dim):
+        if (m, d) != self.row_shape or data.values.dtype != self.dtype:
             raise ValueError(
-                f"tokens of shape {m}x{d} do not fit a store of "
-                f"{self.metadata.tokens_per_image}x{self.metadata.token_dim}"
+                f"stored tokens of shape {m}x{d} {data.values.dtype} do not fit a {self.metadata.quantization} "
+                f"store of {self.metadata.tokens_per_image}x{self.metadata.token_dim} tokens "
+                f"(stored as {self.row_shape[0]}x{self.row_shape[1]} {self.dtype})"
             )
+        if quantization.has_scales(self.metadata.quantization) and (
+            data.scales is None or data.scales.shape != (n, m) or data.scales.dtype != np.float16
+        ):
+            raise ValueError(f"{self.metadata.quantization} tokens need float16 scales of shape {(n, m)}")
         group = zarr.open_group(self.loc.url_of(data_path), mode="w", zarr_format=3)
         # write_empty_chunks keeps every inner chunk in place, so each shard file
         # is exactly a row-major block (an all-zero token row is still written).
@@ -132,7 +142,7 @@ class SegmentWriter:
         tok = group.create_array(
             layout.TOKENS,
             shape=(n, m, d),
-            dtype=self.encoding["tokens_dtype"],
+            dtype=self.dtype,
             compressors=None,
             config=cfg,
             attributes={"encoding": self.encoding},
@@ -141,7 +151,7 @@ class SegmentWriter:
         if n:
             tok[...] = data.values
         checksums = {layout.TOKENS: token_checksum(data.values)}
-        if self.metadata.quantization == "int8":
+        if quantization.has_scales(self.metadata.quantization):
             chunking = layout.array_chunking(n, m, 1)
             sc = group.create_array(
                 layout.SCALES,

@@ -116,11 +116,26 @@ class Location:
     def list(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries of a folder; empty if it is absent. Always a fresh listing."""
         folder = self.path(*parts)
+        if self.is_local:  # names only (fsspec's local ls looks up every entry: slow for big folders)
+            try:
+                return sorted(os.listdir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
         try:
             entries = self.fs.ls(folder, detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def list_prefix(self, folder: str, prefix: str) -> list[str]:
+        """Names in ``folder`` starting with ``prefix``: on S3 a listing of that prefix alone (a few keys, not the
+        folder's million), elsewhere a listing of the folder."""
+        if self.is_local or type(self.fs).__name__ != "S3FileSystem":
+            return [n for n in self.list(folder) if n.startswith(prefix)]
+        base = self.path(folder)
+        found = self.fs.find(base, prefix=prefix, withdirs=True, maxdepth=1)
+        names = {p[len(base) + 1 :].split("/", 1)[0] for p in found if p.startswith(base + "/")}
+        return sorted(n for n in names if n.startswith(prefix))
 
     def remove(self, *parts: str) -> None:
         p = self.path(*parts)

@@ -31,7 +31,7 @@ def new_metadata(model: ModelIdentity, quant: str, id_policy: str) -> StoreMetad
         model=model,
         quantization=quantization.check_quantization(quant),
         id_policy=id_policy,
-        token_encoding=quantization.ENCODINGS[quant],
+        token_encoding=quantization.encoding(quant, model.token_dim),
         software_version=__version__,
     )
 

@@ -12,6 +12,16 @@ from PIL import Image
 from edje_indexer.pipeline.demo import packaged_photos
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_cache(tmp_path_factory):
+    """Readers of object stores cache id index runs here, not in the user's ~/.cache."""
+    import os
+
+    folder = str(tmp_path_factory.mktemp("index-cache"))
+    os.environ["EDJE_INDEX_CACHE"] = folder
+    return folder
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[tuple[str, Image.Image]]:
     """A few real photos, downsized so tests stay fast."""

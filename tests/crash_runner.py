@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 
-from edje_indexer.pipeline import job as pipeline_job
 from edje_indexer.pipeline.cli import main
 from edje_indexer.schemas import segment as schemas_segment
 from edje_indexer.schemas import storage as schemas_storage
@@ -62,14 +61,16 @@ elif point == "commit":
             return original_replace(src, dst)
 
     schemas_storage.os = _Os()
-elif point == "index":
-    original_write_index = pipeline_job.write_index
+elif point == "index":  # after the job's log entry, before the index pointer is published
+    from edje_indexer.schemas import index as schemas_index
 
-    def write_index(*a, **kw):
+    original_publish = schemas_index.publish
+
+    def publish(*a, **kw):
         maybe_die()
-        return original_write_index(*a, **kw)
+        return original_publish(*a, **kw)
 
-    pipeline_job.write_index = write_index
+    schemas_index.publish = publish
 else:
     raise SystemExit(f"unknown crash point {point}")
 

@@ -114,3 +114,48 @@ def test_rss_scaling_smoke(tmp_path, capsys):
     assert _positive(out["small"]["peak_rss_mb"]) and _positive(out["large"]["peak_rss_mb"])
     assert _positive(out["peak_rss_ratio"])
     assert rc == (0 if out["within_goal"] else 1)
+
+
+def test_scale_smoke(tmp_path, capsys):
+    from edje_indexer.benchmarks import scale
+
+    assert (
+        scale.main(
+            [
+                "--segments",
+                "40",
+                "--data-segments",
+                "3",
+                "--ids-per-segment",
+                "10",
+                "--repeats",
+                "1",
+                "--dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    (run,) = out["runs"]
+    assert run["segments"] == 40 and run["ids"] == 400 and run["store_images_after_jobs"] == 404
+    for key in ("job_s", "job_ratio", "open_s", "rss_after_open_mb", "rss_after_gets_mb", "k1000_get_images_per_s"):
+        assert _positive(run[key]), (key, run[key])
+    # the launcher read no commit record of the 40 old segments: the log's checkpoint says what they are
+    assert run["launcher_reads"].get("read_many", 0) <= 8, run["launcher_reads"]
+
+
+def test_read_smoke(tmp_path, capsys):
+    from edje_indexer.benchmarks import read
+
+    for quant in ("fp16", "int4-rht"):
+        argv = ["--images", "240", "--images-per-segment", "60", "--quantization", quant, "--batches-scale", "0.01"]
+        assert read.main(argv + ["--dir", str(tmp_path / quant)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["images"] == 240 and out["segments"] == 4 and out["quantization"] == quant
+        assert set(out["results"]) == {"10", "100"}  # k = 1000 needs 1,000 images
+        for k, r in out["results"].items():
+            for name in ("get", "get_out", "get_fp16", "get_raw"):
+                assert _positive(r[name]["p50_images_per_s"]) and _positive(r[name]["ratio_to_limit_p50"]), (k, name)
+                assert r[name]["ratio_to_limit"] >= 0, (k, name)  # from means: a few batches, maybe one slow
+        assert out["store_bytes"] > 240 * (12_416 if quant == "int4-rht" else 49_152)

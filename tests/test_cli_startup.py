@@ -67,3 +67,19 @@ def test_index_prints_no_beam_import_noise(tmp_path):
     res, _ = run("index", "--input", str(tmp_path / "none-*.tar"), "--store", str(tmp_path / "s"), "--preset", "tiny")
     assert res.returncode == 2 and "matched no shards" in res.stderr
     assert "apache_beam" in res.stdout and "apitools" not in res.stderr, res.stderr
+
+
+def test_int4_stores_read_verify_and_inspect_without_torch(tmp_path):
+    """The int4 decodes (nibbles, the rotation) have a numpy path: store commands still never import torch."""
+    import numpy as np
+
+    from edje_indexer.schemas import TokenStore
+
+    for quant in ("int4", "int4-rht"):
+        built = build_synthetic_store(str(tmp_path / quant), 6, 3, quantization=quant)
+        out = str(tmp_path / f"{quant}.npy")
+        for argv in (["get", built.url, built.ids[2], "--out", out], ["inspect", built.url], ["verify", built.url]):
+            res, _ = run(*argv)
+            assert res.returncode == 0, res.stderr
+            assert res.stdout.strip().endswith("IMPORTED"), res.stdout[-200:]
+        np.testing.assert_array_equal(np.load(out), TokenStore.open(built.url).get([built.ids[2]])[0])

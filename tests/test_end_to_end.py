@@ -254,3 +254,67 @@ def test_a_mistyped_flag_is_an_error_not_a_beam_option(tmp_path, corpus, capsys)
     rc = main(["index", "--input", pattern, "--store", str(tmp_path / "s"), *TINY, "--quantise", "int8"])
     assert rc == 2 and "unknown option(s) --quantise" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "s")
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_int4_store_end_to_end(tmp_path, corpus, reference_encoder, capsys, rotation):
+    """--quantize int4 [--int4-rotation hadamard] through the real job: packed uint8 + float16 scales on disk,
+    at most 13,000 bytes of token data per image, decoded within the bound of the model's own tokens, and
+    every store command handles it."""
+    pattern, images, bad = corpus
+    store = str(tmp_path / "i4")
+    assert run_index(pattern, store, "--quantize", "int4", "--int4-rotation", rotation) == 0
+    quant = {"none": "int4", "hadamard": "int4-rht"}[rotation]
+    meta = zarr.open_group(store, mode="r").attrs["edje"]
+    assert meta["quantization"] == quant and meta["token_encoding"]["tokens_dtype"] == "uint8"
+    rotation_attrs = meta["token_encoding"]["rotation"]
+    assert (rotation_attrs is None) == (rotation == "none")
+    if rotation_attrs:
+        assert (rotation_attrs["block"], rotation_attrs["blocks"], rotation_attrs["seed"]) == (128, 3, 0)
+
+    data_bytes = rows = 0
+    for name in sorted(os.listdir(os.path.join(store, "commits"))):
+        rec = json.load(open(os.path.join(store, "commits", name)))
+        group = zarr.open_group(os.path.join(store, rec["data_path"]), mode="r")
+        assert group["tokens"].shape == (rec["rows"], 64, 192) and group["tokens"].dtype == np.uint8
+        assert group["scales"].shape == (rec["rows"], 64) and group["scales"].dtype == np.float16
+        assert dict(group["tokens"].attrs["encoding"]) == meta["token_encoding"]
+        for array in ("tokens", "scales"):  # the chunk files: the token data on disk
+            for folder, _, files in os.walk(os.path.join(store, rec["data_path"], array, "c")):
+                data_bytes += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+        rows += rec["rows"]
+    assert rows == len(images) == 12
+    assert 12_416 <= data_bytes / rows <= 13_000, data_bytes / rows
+
+    ts = TokenStore.open(store)
+    ids = sorted(images)
+    got = ts.get(ids).astype(np.float64)
+    values, scales = ts.get_raw(ids)
+    assert values.dtype == np.uint8 and values.shape == (12, 64, 192) and scales.shape == (12, 64)
+    s = scales.astype(np.float64)
+    refs = np.stack([reference_tokens(reference_encoder, images[i]) for i in ids]).astype(np.float64)
+    noise = 2e-3 * np.abs(refs) + 1e-4  # batch-vs-single float noise, as for fp16 above
+    if rotation == "none":
+        assert (np.abs(got - refs) <= s[..., None] / 2 + noise).all()
+    else:  # the bound holds on the rotated values; the rotation is orthogonal
+        assert (np.linalg.norm(got - refs, axis=-1) <= np.sqrt(384) * s / 2 + np.linalg.norm(noise, axis=-1)).all()
+    assert 0 < np.linalg.norm(got - refs) / np.linalg.norm(refs) < 0.2
+
+    capsys.readouterr()
+    assert main(["inspect", store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantization"] == quant and info["stored_dtype"] == "uint8" and info["images"] == 12
+    assert main(["verify", store, "--deep"]) == 0
+    out = str(tmp_path / "t.npy")
+    assert main(["get", store, ids[3], "--out", out]) == 0
+    np.testing.assert_array_equal(np.load(out), ts.get([ids[3]])[0])
+    assert main(["inspect", store, "--html", str(tmp_path / "report.html"), "--sample-rows", "12"]) == 0
+    assert "quantization relative error" in (tmp_path / "report.html").read_text()
+
+
+def test_int4_rotation_without_int4_is_refused(tmp_path, corpus, capsys):
+    pattern, _, _ = corpus
+    store = str(tmp_path / "s")
+    assert run_index(pattern, store, "--quantize", "int8", "--int4-rotation", "hadamard") == 2
+    assert "--int4-rotation hadamard applies to --quantize int4 only" in capsys.readouterr().err
+    assert not os.path.exists(store)

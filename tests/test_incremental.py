@@ -173,7 +173,7 @@ def test_killed_job_reruns_to_the_clean_result(tmp_path, shards, point, nth):
     assert contents(crashed) == contents(clean)
     assert committed_versions(crashed) == committed_versions(clean)
     report = verify_json(crashed, "--deep")
-    assert report["ok"] and not report["problems"], report
+    assert report["ok"] and not report["problems"], json.dumps(report)
 
 
 def test_sigkill_of_the_multiprocess_tree(tmp_path, shards):

@@ -78,6 +78,15 @@ def test_end_to_end_on_s3_equals_local_disk(tmp_path, s3, local_shards, capsys):
     upload(local_shards, corpus, ["shard-000002.tar"])
     second = run_json(["index", "--input", f"{corpus}/shard-*.tar", "--store", store, *TINY], capsys)
     assert (second["shards_processed"], second["shards_skipped"]) == (1, 2)
+    # the second job logged a begin and a commit entry after the first job's; its run of 3 ids was merged
+    # into the first run of 6 (not more than MERGE_RATIO times larger)
+    pointer = json.loads(fs().cat_file(f"{store[len('s3://') :]}/index/CURRENT.json"))
+    assert pointer["format"] == 2 and [r["entries"] for r in pointer["runs"]] == [9] and pointer["generation"] == 2
+    log_dir = f"{store[len('s3://') :]}/log"
+    entries = sorted(n.rsplit("/", 1)[1] for n in fs().ls(log_dir, detail=False) if n[-6].isdigit())
+    assert entries == ["000000000001.json", "000000000002.json", "000000000003.json"]
+    kinds = [json.loads(fs().cat_file(f"{log_dir}/{n}"))["kind"] for n in entries]
+    assert kinds == ["commit", "begin", "commit"]
 
     capsys.readouterr()
     assert main(["inspect", store, "--json"]) == 0
@@ -235,12 +244,14 @@ def test_planning_lists_folders_instead_of_one_request_per_shard(s3, monkeypatch
     assert listed_s < 30
 
 
-def test_reads_over_s3_use_byte_ranges_from_the_layout(s3):
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-rht"])
+def test_reads_over_s3_use_byte_ranges_from_the_layout(s3, quant):
     """get over s3:// equals the local read, with at most one request per run of nearby rows per batch."""
     from edje_indexer.benchmarks.synthetic_store import build_synthetic_store
+    from edje_indexer.schemas.quantization import dequantize
 
     store = f"{s3('read')}/store"
-    built = build_synthetic_store(store, n_images=300, images_per_segment=100, quantization="int8", seed=3)
+    built = build_synthetic_store(store, n_images=300, images_per_segment=100, quantization=quant, seed=3)
     ts = TokenStore.open(store)
     rng = np.random.default_rng(0)
     ids = [built.ids[i] for i in rng.choice(300, 40, replace=False)]
@@ -250,7 +261,8 @@ def test_reads_over_s3_use_byte_ranges_from_the_layout(s3):
     per_batch = ts.requests - requests_first
     np.testing.assert_array_equal(got, again)
     raw, scales = ts.get_raw(ids)
-    np.testing.assert_array_equal(got, raw.astype(np.float32) * scales.astype(np.float32)[..., None])
+    assert raw.shape == (40, 64, 384 if quant == "int8" else 192)  # int4: two values per byte
+    np.testing.assert_array_equal(got, dequantize(raw, scales, quant))
     from edje_indexer.schemas.remote_rows import RemoteRows
 
     rows_by_segment: dict[int, set[int]] = {}
@@ -260,7 +272,7 @@ def test_reads_over_s3_use_byte_ranges_from_the_layout(s3):
     runs = sum(len(RemoteRows.runs(np.array(sorted(r)))) for r in rows_by_segment.values())
     assert per_batch == 2 * runs  # tokens and scales: one request per run of nearby rows, all segments at once
     assert len(rows_by_segment) <= runs < len(ids)
-    assert all(type(a).__name__ == "CheckedRemoteRows" for a in ts._arrays["tokens"] if a is not None)
+    assert all(type(a).__name__ == "CheckedRemoteRows" for a in ts._rows._arrays["tokens"].values())
 
 
 def test_weights_and_adapters_from_s3_urls(tmp_path, s3, local_shards):

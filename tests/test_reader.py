@@ -9,17 +9,23 @@ import numpy as np
 import pytest
 import zarr
 
-from edje_indexer.benchmarks.synthetic_store import build_synthetic_store, encode_tokens, random_tokens, write_segment
+from edje_indexer.benchmarks.synthetic_store import (
+    build_synthetic_store,
+    encode_tokens,
+    finalize_index,
+    random_tokens,
+    write_segment,
+)
 from edje_indexer.pipeline import cli
+from edje_indexer.schemas import gather as schemas_gather
 from edje_indexer.schemas import quantization
-from edje_indexer.schemas import reader as schemas_store
 from edje_indexer.schemas.reader import TokenStore, UnknownIdError
 from edje_indexer.schemas.storage import Location
 
 N, PER_SEGMENT, M, D = 300, 70, 64, 384  # 5 segments, the last one short
 
 
-@pytest.fixture(scope="module", params=["fp16", "int8"])
+@pytest.fixture(scope="module", params=quantization.QUANTIZATIONS)
 def built(request, tmp_path_factory):
     url = str(tmp_path_factory.mktemp(f"store-{request.param}") / "store")
     return build_synthetic_store(url, N, PER_SEGMENT, quantization=request.param, m=M, d=D, seed=7, return_tokens=True)
@@ -71,15 +77,25 @@ def test_get_matches_the_tokens_written(built, store):
     rows = np.arange(N)
     got = store.get([built.ids[r] for r in rows])
     x = built.tokens[rows]
-    if built.metadata.quantization == "fp16":
+    q = built.metadata.quantization
+    if q == "fp16":
         np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float32))
-    else:
-        _, scales = store.get_raw([built.ids[r] for r in rows])
-        s = scales.astype(np.float32)[..., None]
+        return
+    _, scales = store.get_raw([built.ids[r] for r in rows])
+    s = scales.astype(np.float64)[..., None]
+    err = np.abs(got.astype(np.float64) - x)
+    if q == "int8":
         # error <= scale / 2 (scales round up: nothing is clamped; see quantization.py), plus float32 rounding
-        bound = 0.5 * s * (1 + 2.0**-10) + 1e-6
-        assert (np.abs(got - x) <= bound).all()
-        assert np.abs(got - x).max() > 0  # it is lossy: the test is not vacuous
+        assert (err <= 0.5 * s * (1 + 2.0**-10) + 1e-6).all()
+    elif q == "int4":
+        assert (err <= 0.5 * s).all()  # exactly
+    else:  # int4-rht: the bound holds on the rotated values; the rotation is orthogonal
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        assert (np.linalg.norm(got - x, axis=-1, keepdims=True) <= 0.5 * s * np.sqrt(D) + 1e-6 * norm).all()
+    assert err.max() > 0  # it is lossy: the test is not vacuous
+    # int4 is coarser than int8 (about 4 bits less): the relative error of the whole batch says which
+    rel = float(np.linalg.norm(got - x) / np.linalg.norm(x))
+    assert rel < {"int8": 0.01, "int4": 0.16, "int4-rht": 0.16}[q], rel
 
 
 def test_get_is_quantization_decode_bit_for_bit(built, store):
@@ -112,7 +128,7 @@ def test_every_decode_path_gives_the_same_bits(built, store):
     finally:
         torch.set_num_threads(threads)
     no_torch = TokenStore.open(built.url)
-    no_torch._torch = None
+    no_torch._rows.torch = None
     np.testing.assert_array_equal(no_torch.get(ids), want)
     np.testing.assert_array_equal(
         no_torch.get(ids, dtype=np.float16),
@@ -125,11 +141,15 @@ def test_get_raw_returns_stored_bytes_and_scales(built, store):
     values, scales = store.get_raw([built.ids[r] for r in rows])
     want_values, want_scales = _encoded(built, rows)
     assert values.dtype == want_values.dtype and values.tobytes() == want_values.tobytes()
-    if built.metadata.quantization == "fp16":
-        assert values.dtype == np.float16 and scales is None
-    else:
-        assert values.dtype == np.int8 and scales.dtype == np.float16 and scales.shape == (len(rows), M)
-        assert scales.tobytes() == want_scales.tobytes()
+    q = built.metadata.quantization
+    if q == "fp16":
+        assert values.dtype == np.float16 and values.shape == (len(rows), M, D) and scales is None
+        return
+    # int8 [k, m, d]; int4 packed two values per byte, [k, m, d / 2]
+    assert values.dtype == {"int8": np.int8, "int4": np.uint8, "int4-rht": np.uint8}[q]
+    assert values.shape == (len(rows), M, D if q == "int8" else D // 2)
+    assert scales.dtype == np.float16 and scales.shape == (len(rows), M)
+    assert scales.tobytes() == want_scales.tobytes()
 
 
 def test_unknown_ids_raise_a_key_error_naming_the_id(built, store):
@@ -157,10 +177,10 @@ def test_ids_as_tuple_array_or_iterator(built, store):
         store.get(np.array(ids + ["nope"]))
 
 
-def test_empty_batch(store):
+def test_empty_batch(built, store):
     assert store.get([]).shape == (0, M, D)
     values, _ = store.get_raw([])
-    assert values.shape == (0, M, D)
+    assert values.shape == (0, *quantization.stored_row_shape(built.metadata.quantization, M, D))
 
 
 def test_len_ids_and_contains(built, store):
@@ -190,10 +210,10 @@ def test_concurrent_readers_get_correct_results(built, store):
 def test_zarr_fallback_matches_the_mmap_path(built, store, monkeypatch):
     rows = _picks(built, seed=3)
     ids = [built.ids[r] for r in rows]
-    assert isinstance(store._array(0, "tokens"), np.ndarray)  # the fast path is really used locally
-    monkeypatch.setattr(schemas_store, "_mmap_rows", lambda *a, **k: None)
+    assert isinstance(store._rows._array(0, "tokens"), np.ndarray)  # the fast path is really used locally
+    monkeypatch.setattr(schemas_gather, "_mmap_rows", lambda *a, **k: None)
     slow = TokenStore.open(built.url)
-    assert isinstance(slow._array(0, "tokens"), zarr.Array)
+    assert isinstance(slow._rows._array(0, "tokens"), zarr.Array)
     np.testing.assert_array_equal(slow.get(ids), store.get(ids))
     for a, b in zip(slow.get_raw(ids), store.get_raw(ids)):
         if a is None:
@@ -212,20 +232,21 @@ def test_fsspec_file_url(built, store):
     np.testing.assert_array_equal(remote.get(ids), store.get(ids))
 
 
-def test_fsspec_memory_url():
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-rht"])
+def test_fsspec_memory_url(quant):
     url = f"memory://edje-reader-test-{uuid.uuid4().hex}/store"
-    built = build_synthetic_store(url, 50, 20, quantization="int8", m=M, d=D, seed=1, return_tokens=True)
+    built = build_synthetic_store(url, 50, 20, quantization=quant, m=M, d=D, seed=1, return_tokens=True)
     try:
         s = TokenStore.open(url)
         assert len(s) == 50
-        assert not isinstance(s._array(0, "tokens"), np.ndarray)  # zarr reads it
+        assert not isinstance(s._rows._array(0, "tokens"), np.ndarray)  # zarr reads it
         rows = [49, 0, 21, 0]
         values, scales = s.get_raw([built.ids[r] for r in rows])
         want_values, want_scales = _encoded(built, rows)
         np.testing.assert_array_equal(values, want_values)
         np.testing.assert_array_equal(scales, want_scales)
         np.testing.assert_array_equal(
-            s.get([built.ids[r] for r in rows]), quantization.dequantize(values, scales, "int8")
+            s.get([built.ids[r] for r in rows]), quantization.dequantize(values, scales, quant)
         )
     finally:
         Location(url).fs.rm(url.split("://", 1)[1].rsplit("/", 1)[0], recursive=True)
@@ -250,14 +271,19 @@ def test_uncommitted_data_is_invisible(tmp_path):
         s.get([built.ids[0], ids[0]])
 
 
-def test_commit_after_the_index_generation_is_visible(tmp_path):
-    """A job that committed a segment and died before finalize: load_index patches it in."""
+def test_a_commit_is_visible_from_the_next_published_generation(tmp_path):
+    """A segment committed after the published generation (a job running, or one that died before its
+    finalize) is not visible until a finalize publishes it; then it is, exactly."""
     built = build_synthetic_store(str(tmp_path / "store"), 100, 40, quantization="int8", seed=4)
     loc = Location(built.url)
     ids, x, values, scales = _extra_segment(built, "late")
     write_segment(loc, built.metadata, "synthetic://late/late.tar", ids, values, scales, commit=True)
+    before = TokenStore.open(built.url)
+    assert len(before) == 100 and ids[3] not in before
+    finalize_index(built.url)
     s = TokenStore.open(built.url)
     assert len(s) == 110 and ids[3] in s
+    assert len(before) == 100 and before.get([built.ids[5]]).shape == (1, M, D)  # the old snapshot still reads
     got_values, got_scales = s.get_raw([ids[3], built.ids[5], ids[0]])
     np.testing.assert_array_equal(got_values[[0, 2]], values[[3, 0]])
     np.testing.assert_array_equal(got_scales[[0, 2]], scales[[3, 0]])
@@ -294,3 +320,74 @@ def test_cli_get(built, tmp_path):
     np.testing.assert_array_equal(tokens, TokenStore.open(built.url).get([built.ids[11]])[0])
     assert cli.main(["get", built.url, "no-such-image", "--out", str(tmp_path / "x.npy")]) != 0
     assert not (tmp_path / "x.npy").exists()
+
+
+def _decode_by_the_attributes(group) -> np.ndarray:
+    """A segment's float32 tokens from its Zarr arrays and the words of their "encoding" attribute alone
+    (no project code), as a reader that knows only Zarr and numpy would write it."""
+    enc = dict(group["tokens"].attrs["encoding"])
+    tokens = group["tokens"][...]
+    assert tokens.dtype == np.dtype(enc["tokens_dtype"])
+    if enc["scales"] is None:  # fp16
+        return tokens.astype(np.float32)
+    scales = group[enc["scales"]][...].astype(np.float64)[..., None]
+    if enc["tokens_dtype"] == "int8":  # "value = tokens * scales[..., None]"
+        return (tokens * scales).astype(np.float32)
+    # "value 2j of a token is the low nibble (bits 0-3) of byte j, value 2j+1 the high nibble (bits 4-7)"
+    assert enc["nibble_order"].startswith("value 2j of a token is the low nibble (bits 0-3) of byte j")
+    nibbles = np.empty(tokens.shape[:-1] + (2 * tokens.shape[-1],), np.int64)
+    nibbles[..., 0::2], nibbles[..., 1::2] = tokens & 0x0F, tokens >> 4
+    q = nibbles - enc["nibble_offset"]  # "q = nibble - 8"
+    rot = enc["rotation"]
+    if rot is None:  # "value = float32(q) * float32(scales[..., None])", exact
+        return (q * scales).astype(np.float32)
+    b, d = rot["block"], q.shape[-1]
+    # "H[i, j] = (-1) ** popcount(i & j)", "block k acts on values k*B .. k*B+B-1"
+    h = np.array([[(-1.0) ** bin(i & j).count("1") for j in range(b)] for i in range(b)])
+    t = (q.reshape(-1, d // b, b).astype(np.float64) @ h).reshape(q.shape)
+    # signs: bit i % 8 (least significant first) of byte i // 8 of signs_hex set -> -1
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(rot["signs_hex"]), np.uint8), bitorder="little")[:d]
+    c = float(np.array(int(rot["c_float32_hex"], 16), np.uint32).view(np.float32))
+    # "value = float32(t * scales[..., None] * c * signs)": exact in float64, rounded once
+    return (t * scales * c * (1.0 - 2.0 * bits)).astype(np.float32)
+
+
+def test_a_reader_that_knows_only_zarr_decodes_the_same_bits(built, store):
+    meta = zarr.open_group(built.url, mode="r").attrs["edje"]
+    assert meta["quantization"] == built.metadata.quantization
+    loc = Location(built.url)
+    first = 0
+    for seg in built.segments:
+        record = loc.read_json("commits", f"{seg}.json")
+        group = zarr.open_group(f"{built.url}/{record['data_path']}", mode="r")
+        assert dict(group["tokens"].attrs["encoding"]) == meta["token_encoding"]
+        got = _decode_by_the_attributes(group)
+        ids = built.ids[first : first + record["rows"]]
+        np.testing.assert_array_equal(got, store.get(ids))
+        first += record["rows"]
+    assert first == N
+
+
+def test_a_result_is_recycled_only_when_nothing_references_it(built, store):
+    """get() may hand back the memory of this thread's previous result, but only once the caller let it go."""
+    torch = __import__("torch")
+    ids = [built.ids[r] for r in _picks(built, seed=9, k=60)]  # > 1 MB of float32: recyclable
+    first = store.get(ids)
+    want = first.copy()
+    second = store.get(ids[::-1])
+    assert not np.shares_memory(first, second)  # first is held: a new array
+    np.testing.assert_array_equal(first, want)
+    view = second[3]
+    del second
+    third = store.get(ids)
+    assert not np.shares_memory(view, third)  # a view keeps it alive
+    wrapped = torch.from_numpy(third)
+    del third, view
+    fourth = store.get(ids[::-1])
+    assert not np.shares_memory(wrapped.numpy(), fourth)  # so does a torch tensor on it
+    np.testing.assert_array_equal(wrapped.numpy(), want)
+    address = fourth.__array_interface__["data"][0]
+    del fourth
+    fifth = store.get(ids)
+    assert fifth.__array_interface__["data"][0] == address  # let go: the same memory again
+    np.testing.assert_array_equal(fifth, want)

@@ -215,7 +215,7 @@ def test_not_a_dict_is_a_value_error_naming_the_kind(kind, bad):
         ("commit record", "segment"),
         ("commit record", "source"),
         ("failure record", "error_type"),
-        ("index pointer", "ids"),
+        ("index pointer", "generation"),
         ("store lock", "token"),
         ("store lock", "pid"),
         ("store metadata", "model"),

@@ -300,7 +300,7 @@ def test_projection_when_hidden_differs(tokenizer):
 # -- the reranker over a store ------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["fp16", "int8"])
+@pytest.fixture(scope="module", params=["fp16", "int8", "int4", "int4-rht"])
 def store(request, tmp_path_factory):
     url = str(tmp_path_factory.mktemp(f"store-{request.param}") / "store")
     built = build_synthetic_store(url, 12, 5, quantization=request.param, seed=3)
@@ -335,6 +335,15 @@ def test_reranker_over_a_store(model, tokenizer, store):
     assert rep[0] == pytest.approx(rep[2], abs=2e-5)
     assert Reranker(model, tokenizer, ts).score(query, []).shape == (0,)
     assert Reranker(model, tokenizer, ts).rerank(query, []) == []
+
+
+def test_tokens_decoded_on_the_device_are_the_bits_get_gives(model, tokenizer, store):
+    """get_raw + dequantize_torch (int4: unpacked, int4-rht: rotation undone) equals TokenStore.get."""
+    ts, ids = store
+    picked = [ids[i] for i in (3, 0, 11, 3, 7)]
+    on_device = Reranker(model, tokenizer, ts, decode_on_device=True)._read(picked)
+    assert on_device.dtype == torch.float32 and on_device.shape == (5, 64, 384)
+    np.testing.assert_array_equal(on_device.cpu().numpy(), ts.get(picked))
 
 
 @torch.no_grad()

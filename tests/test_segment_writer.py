@@ -12,6 +12,7 @@ import torch
 import zarr
 
 from edje_indexer.schemas import layout, quantization, tables
+from edje_indexer.schemas.index import read_commits
 from edje_indexer.schemas.reader import TokenStore
 from edje_indexer.schemas.records import (
     CommitRecord,
@@ -95,7 +96,7 @@ def tree_bytes(root) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("quant", ["fp16", "int8"])
+@pytest.mark.parametrize("quant", quantization.QUANTIZATIONS)
 def test_write_then_read_back_with_plain_zarr(tmp_path, quant):
     loc, meta = make_store(tmp_path, quant)
     url = "/data/shard-000001.tar"
@@ -122,11 +123,12 @@ def test_write_then_read_back_with_plain_zarr(tmp_path, quant):
     assert rec.writer["pid"] == os.getpid()
     group = zarr.open_group(loc.url_of(rec.data_path), mode="r")
     stored = group[layout.TOKENS][...]
-    assert stored.dtype == np.dtype(quantization.ENCODINGS[quant]["tokens_dtype"])
+    assert stored.dtype == np.dtype(quantization.encoding(quant, D)["tokens_dtype"])
+    assert stored.shape == (5, M, D // 2 if quant.startswith("int4") else D)  # int4: two values per byte
     np.testing.assert_array_equal(stored, values)
     assert list(group[layout.IDS][...]) == ids
-    assert group[layout.TOKENS].attrs["encoding"] == quantization.ENCODINGS[quant]
-    if quant == "int8":
+    assert group[layout.TOKENS].attrs["encoding"] == quantization.encoding(quant, D) == meta.token_encoding
+    if quant != "fp16":
         np.testing.assert_array_equal(group[layout.SCALES][...], scales)
         assert group[layout.SCALES].dtype == np.float16
     else:
@@ -153,7 +155,7 @@ def test_write_then_read_back_with_plain_zarr(tmp_path, quant):
     assert on_disk.checksums[layout.IDS] == sha(
         b"".join(len(i.encode()).to_bytes(8, "little") + i.encode() for i in ids)
     )
-    if quant == "int8":
+    if quant != "fp16":
         assert on_disk.checksums[layout.SCALES] == sha(group[layout.SCALES][...].tobytes())
     else:
         assert set(on_disk.checksums) == {layout.TOKENS, layout.IDS}
@@ -192,7 +194,7 @@ def test_an_all_rejected_shard_commits_an_empty_segment(tmp_path, quant):
     assert group[layout.TOKENS].shape == (0, M, D)
     assert len(read_rejected(loc, rec.data_path)) == 2
     store = TokenStore.open(loc.url)
-    assert len(store) == 0 and task.segment in store.commits
+    assert len(store) == 0 and task.segment in read_commits(loc) and store.segments == 1
 
 
 def test_read_rejected_of_a_version_without_dead_letters_is_empty(tmp_path):
@@ -221,7 +223,7 @@ def test_uncommitted_segment_is_invisible(tmp_path, quant):
     np.testing.assert_array_equal(hidden_group[layout.TOKENS][...], v2)
     assert checksums[layout.TOKENS] == sha(v2.tobytes())
     store = TokenStore.open(loc.url)
-    assert set(store.commits) == {committed.segment}
+    assert set(read_commits(loc)) == {committed.segment} and store.segments == 1
     assert sorted(store.ids()) == ["a0", "a1"]
     assert "b0" not in store
     with pytest.raises(KeyError):
@@ -259,13 +261,14 @@ def test_failure_of_an_exception_without_message_says_what_it_was(tmp_path):
     assert rec.error_type == "EOFError" and rec.message  # repr, never an empty message
 
 
-@pytest.mark.parametrize("quant", ["fp16", "int8"])
+@pytest.mark.parametrize("quant", quantization.QUANTIZATIONS)
 @pytest.mark.parametrize("shape", [(3, M, 2 * D), (3, 2 * M, D)])
 def test_shape_mismatch_is_refused_before_anything_is_written(tmp_path, quant, shape):
     loc, meta = make_store(tmp_path, quant)
     before = tree_bytes(loc.root)
     n, m, d = shape
     values, scales = tokens(n, quant, m=m, d=d)
+    d = values.shape[-1]  # the stored width (int4: d / 2) is what the error names
     task = task_for("/data/wide.tar")
     writer = SegmentWriter(loc, meta)
     for call in (
@@ -432,5 +435,23 @@ def test_open_metadata_of_a_folder_that_is_not_a_store(tmp_path):
 
 
 def test_new_metadata_refuses_an_unknown_quantization():
-    with pytest.raises(ValueError, match="int4"):
-        new_metadata(tiny_identity(), "int4", "key")
+    with pytest.raises(ValueError, match="int3"):
+        new_metadata(tiny_identity(), "int3", "key")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-rht"])
+def test_values_of_another_encoding_or_without_scales_are_refused(tmp_path, quant):
+    loc, meta = make_store(tmp_path, quant)
+    before = tree_bytes(loc.root)
+    writer = SegmentWriter(loc, meta)
+    values, scales = tokens(2, quant)
+    other = "int8" if quant != "int8" else "int4"
+    wrong_values, wrong_scales = tokens(2, other)
+    for data in (
+        SegmentData(["a", "b"], values, None),  # scales missing
+        SegmentData(["a", "b"], values, scales.astype(np.float32)),
+        SegmentData(["a", "b"], wrong_values, wrong_scales),  # another encoding's stored values
+    ):
+        with pytest.raises(ValueError, match=quant):
+            writer.write(task_for("/data/s.tar"), data, samples_read=2)
+    assert tree_bytes(loc.root) == before

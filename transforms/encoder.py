@@ -65,6 +65,22 @@ class TokenEncoder:
         feats = self.backbone.forward_features(x)[:, self.model.num_prefix_tokens :]
         return self.adapter(feats)
 
+    def _normalized(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """float32 [B, 3, H, W] backbone input on the device from uint8 host [B, H, W, 3] or device [B, 3, H, W]."""
+        if isinstance(batch, torch.Tensor) and batch.device.type == self.device.type:
+            x = batch
+        else:
+            x = self._to_device(np.asarray(batch)).permute(0, 3, 1, 2)
+        return (x.float() - self.mean) / self.std
+
+    @torch.inference_mode()
+    def encode_backbone(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The backbone's float32 ``forward_features`` [B, prefix + n, d_v] before the adapter (prefix tokens
+        kept), under the same pixels and autocast as :meth:`encode_float`: what training caches (training/)."""
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.backbone.forward_features(self._normalized(batch)).float()
+
     def _to_device(self, batch_u8: np.ndarray) -> torch.Tensor:
         """Host uint8 [B, H, W, 3] -> device tensor, via reused pinned buffers on CUDA.
 
@@ -96,15 +112,11 @@ class TokenEncoder:
         ``batch`` is uint8 [B, H, W, 3] on the host, or a uint8 [B, 3, H, W]
         tensor already on the device (GPU-decoded images).
         """
-        if isinstance(batch, torch.Tensor) and batch.device.type == self.device.type:
-            x = batch
-        else:
-            x = self._to_device(np.asarray(batch)).permute(0, 3, 1, 2)
+        x = self._normalized(batch)
         n = x.shape[0]
         if self.pad_to and n < self.pad_to:
             # torch.compile specialises on shapes: pad the last batch of a shard, not recompile for it
             x = torch.cat([x, x.new_zeros((self.pad_to - n,) + tuple(x.shape[1:]))])
-        x = (x.float() - self.mean) / self.std
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             y = self._forward(x)

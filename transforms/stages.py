@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edje_indexer.schemas import quantization
 from edje_indexer.schemas.records import StoreMetadata
 from edje_indexer.schemas.segment import SegmentData
 from edje_indexer.transforms.decoders import Decoder, DecodeRejected
@@ -336,6 +337,6 @@ def collect(items: Iterable[EncodedBatch | Rejection], shard_url: str, metadata:
     empty = SegmentData.empty(metadata)
     values = np.concatenate(parts.values) if parts.values else empty.values
     scales = empty.scales
-    if metadata.quantization == "int8" and parts.scales:
+    if quantization.has_scales(metadata.quantization) and parts.scales:
         scales = np.concatenate(parts.scales)
     return SegmentData(parts.ids, values, scales, parts.rejected)
