@@ -28,7 +28,7 @@ def add_index_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser
     p.add_argument("--input", help="shards: brace pattern, glob, comma list, paths or fsspec URLs (required)")
     p.add_argument("--store", help="store folder or fsspec URL (required)")
-    p.add_argument("--preset", help="named model configuration (tiny, edje-siglip2-l16-384)")
+    p.add_argument("--preset", help="named model configuration (tiny, edje-siglip2-l16-384, edje-dinov2-s14-224)")
     p.add_argument("--backbone", help="any timm ViT name (without --preset: its own timm preprocessing)")
     p.add_argument(
         "--backbone-kwargs",
