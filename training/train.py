@@ -158,17 +158,23 @@ def align_adapter(adapter, tokens, targets: np.ndarray, cfg: TrainConfig, precis
         t = torch.from_numpy(targets[rows])
         with _autocast(precision):
             z = head(adapter(x).mean(1)).float()
-        sim = torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T / 0.05
-        labels = torch.arange(batch)
-        loss = (torch.nn.functional.cross_entropy(sim, labels) + torch.nn.functional.cross_entropy(sim.T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_contrastive_step(opt, z, t))
         if (step + 1) % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     bar.close()
     return losses
+
+
+def _contrastive_step(opt, z: torch.Tensor, t: torch.Tensor) -> float:
+    """One optimizer step on the symmetric InfoNCE loss (temperature 0.05) pulling ``z[i]`` to ``t[i]`` against
+    the rest of the batch (both adapter warm-ups); returns the loss."""
+    sim = torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T / 0.05
+    labels = torch.arange(len(z))
+    loss = (torch.nn.functional.cross_entropy(sim, labels) + torch.nn.functional.cross_entropy(sim.T, labels)) / 2
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def align_through_text_model(
@@ -207,13 +213,7 @@ def align_through_text_model(
             hidden = joint.bert(**joint.build_inputs(empty.input_ids.expand(batch, -1), None, img)).last_hidden_state
         t_len = empty.input_ids.shape[1]
         z = hidden[:, t_len : t_len + m].float().mean(1)
-        sim = torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T / 0.05
-        labels = torch.arange(batch)
-        loss = (torch.nn.functional.cross_entropy(sim, labels) + torch.nn.functional.cross_entropy(sim.T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_contrastive_step(opt, z, t))
         if (step + 1) % 5 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     bar.close()
