@@ -112,6 +112,8 @@ import threading
 import time
 import uuid
 
+from edje_indexer.benchmarks.memory import reset_peak_rss, ru_maxrss_mb, status_mb
+
 SIZES = [(640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]
 MODES = ("squash", "crop")
 CORPUS_VERSION = 2
@@ -207,33 +209,6 @@ def build_corpus(folder: str, n: int, shards: int, grain: float = 0.0) -> dict:
 
 
 # --------------------------------------------------------------------------- measuring helpers
-
-
-def _status_mb(key: str) -> float | None:
-    """A field of /proc/self/status (VmRSS, VmHWM) in MiB; None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _ru_maxrss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(r / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def _cpu_s() -> float:
@@ -539,8 +514,8 @@ def phase_limit(p: dict) -> dict:
         **best,
         "images_per_s_runs": [r["images_per_s"] for r in runs],
         "warmup_s": round(warm_s, 2),
-        "peak_rss_mb": _status_mb("VmHWM"),
-        "ru_maxrss_mb": _ru_maxrss_mb(),
+        "peak_rss_mb": status_mb("VmHWM"),
+        "ru_maxrss_mb": ru_maxrss_mb(),
         "decoded_bytes_mb": round(sum(b.nbytes for b in batches) / 2**20, 1),
         "decode": {
             "images_per_s_per_thread": round(n / decode_s, 2),
@@ -601,9 +576,9 @@ def phase_job(p: dict) -> dict:
     spec = _spec(p)
     encoder = _encoder(p, spec)
     warm_s = _warm_up(encoder, _batch_shapes(p["counts"], p["batch_size"]), encoder.model.preprocess.size, p["warmup"])
-    load_peak = _status_mb("VmHWM")
-    reset = _reset_peak_rss()
-    rss_before = _status_mb("VmRSS")
+    load_peak = status_mb("VmHWM")
+    reset = reset_peak_rss()
+    rss_before = status_mb("VmRSS")
     runs = []
     for r in range(p["repeats"]):
         store = f"{p['store']}-{r}"
@@ -612,7 +587,7 @@ def phase_job(p: dict) -> dict:
         finally:
             if not p.get("keep_store"):
                 shutil.rmtree(store, ignore_errors=True)
-    job_peak = _status_mb("VmHWM")
+    job_peak = status_mb("VmHWM")
     best = max(runs, key=lambda j: j["images_per_s"])
     return {
         "images": sum(p["counts"]),
@@ -623,7 +598,7 @@ def phase_job(p: dict) -> dict:
         "rss_before_job_mb": rss_before,
         "job_only_peak_rss_mb": job_peak if reset else None,
         "peak_rss_mb": max(x for x in (load_peak, job_peak) if x is not None) if load_peak else None,
-        "ru_maxrss_mb": _ru_maxrss_mb(),
+        "ru_maxrss_mb": ru_maxrss_mb(),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -829,12 +804,12 @@ def _throughput(args, work: str, threads: list[int]) -> dict:
             "job_phase": best["peak_rss_mb"],
             "job_only": best["job_only_peak_rss_mb"],
             "limit_phase": limit["peak_rss_mb"],
-            "this_process": _status_mb("VmHWM"),
+            "this_process": status_mb("VmHWM"),
         },
         "ru_maxrss_mb": {
             "job_phase": best["ru_maxrss_mb"],
             "limit_phase": limit["ru_maxrss_mb"],
-            "this_process": _ru_maxrss_mb(),
+            "this_process": ru_maxrss_mb(),
         },
         **_environment(p0),
         "model": _model_info(p0),

@@ -16,23 +16,9 @@ import ctypes
 import gc
 import io
 import json
-import re
-import resource
 import sys
 
-
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from edje_indexer.benchmarks.memory import reset_peak_rss, ru_maxrss_kb, status_kb
 
 
 def run(argv: list[str]) -> tuple[int, dict | None]:
@@ -52,7 +38,7 @@ def main() -> None:
         spec = json.load(f)
     if spec.get("warmup"):
         run(spec["warmup"])  # imports, model, Beam: the same for every measured run
-    can_reset = reset_peak()
+    can_reset = reset_peak_rss()
     if not can_reset and len(spec["runs"]) != 1:
         raise SystemExit("this system cannot reset a process's peak RSS: one run per process")
     results = {}
@@ -60,10 +46,10 @@ def main() -> None:
         gc.collect()
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so runs do not share it
-        reset_peak()
+        reset_peak_rss()
         start = status_kb("VmRSS")
         rc, summary = run(argv)
-        peak = status_kb("VmHWM") if can_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = status_kb("VmHWM") if can_reset else ru_maxrss_kb()
         results[name] = {"rc": rc, "peak_kb": peak, "start_kb": start, "summary": summary}
     print(json.dumps(results))
 

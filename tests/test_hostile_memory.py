@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import hostile as H
 import pytest
 
+from edje_indexer.benchmarks.memory import reset_peak_rss
+
 MAX_EXTRA_MB = 200
 RUNNER = Path(__file__).with_name("rss_runner.py")
 
@@ -57,15 +59,6 @@ def _argv(shard: Path, store: Path, decoder: str, extra=()) -> list[str]:
     ]
 
 
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _measure(tmp: Path, runs: list, warmup) -> dict:
     spec = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
     spec.write_text(json.dumps({"warmup": warmup, "runs": runs}))
@@ -87,7 +80,7 @@ def measured(tmp_path_factory):
     for name, (writer, decoder, extra, _) in CASES.items():
         runs.append([name, _argv(writer(tmp / f"{name}.tar.gz"), tmp / f"store-{name}", decoder, extra)])
     warmup = _argv(normal, tmp / "store-warmup", "pillow")
-    if _can_reset_peak():
+    if reset_peak_rss():
         results = _measure(tmp, runs, warmup)
     else:  # one process per run, each measured by ru_maxrss
         results = {}
