@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np
@@ -10,8 +9,19 @@ import pyarrow.parquet as pq
 import zarr
 
 from edje_indexer.pipeline.maintenance import find_uncommitted, missing_sources
-from edje_indexer.schemas import job_log, layout, quantization
-from edje_indexer.schemas.index import IndexDamaged, load_index, read_commits, read_pointer, retired_paths
+from edje_indexer.schemas import id_runs, job_log, layout, quantization
+from edje_indexer.schemas.index import (
+    IndexDamaged,
+    legacy_run,
+    load_index,
+    open_runs,
+    read_commits,
+    read_duplicates,
+    read_pointer,
+    retired_paths,
+    runs_cover,
+    segment_ids,
+)
 from edje_indexer.schemas.remote_rows import SHARD_INDEX_CRC, SHARD_INDEX_ENTRY
 from edje_indexer.schemas.segment import ids_checksum, token_checksum
 from edje_indexer.schemas.storage import Location
@@ -45,12 +55,12 @@ def chunk_problems(loc: Location, data_path: str, n: int, m: int, d: int, tok_dt
 
 def check_index_files(loc: Location, ptr) -> None:
     """IndexDamaged unless every file of the published generation has the sha256 it was written with (reads
-    them all: readers check only small run files at open, see schemas/index.py)."""
+    them all, a block at a time: readers check only small run files at open, see schemas/index.py)."""
     for name in ptr.files():
         want = ptr.checksums.get(name)
         if want is None:
             continue
-        if hashlib.sha256(loc.read_bytes(layout.INDEX, name)).hexdigest() != want:
+        if loc.sha256(layout.INDEX, name) != want:
             raise IndexDamaged(f"id index file {loc.url_of(layout.INDEX, name)} does not match its checksum (damaged)")
 
 
@@ -84,6 +94,98 @@ def log_problems(loc: Location, commits: dict) -> tuple[list[str], list[str], se
     if ptr is not None and ptr.format >= 2 and ptr.log_seq > state.seq:
         problems.append(f"the id index reflects log entry {ptr.log_seq}, past the log's end ({state.seq})")
     return problems, warnings, unlogged
+
+
+def index_problems(loc: Location, covered: dict, deep: bool) -> tuple[list[str], list[str]]:
+    """The id index against the segments it must cover. Memory stays bounded by one segment's ids and a
+    batch of index entries, whatever the store's size: a format-2 index is looked up in its memory-mapped runs
+    (schemas/id_runs.py), never merged into one table (a format-1 index, from small stores before runs, is
+    loaded whole). Plain: the ids it serves plus the duplicates it lists must be the stored rows. Deep: every
+    stored row's id is looked up, and must be served from that very row or from an earlier occurrence of the
+    same id (a duplicate); the rows served from where they are must be as many as the ids the index serves,
+    so no entry points at a row that holds another id."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    if not loc.exists(layout.INDEX, layout.INDEX_POINTER):
+        return ["no id index (index/CURRENT.json): run the same index command again to finalize"], []
+    try:
+        ptr = read_pointer(loc)
+        check_index_files(loc, ptr)
+        if ptr.format >= 2:
+            runs, duplicates = open_runs(loc, ptr), read_duplicates(loc, ptr).num_rows
+            published = runs_cover(ptr, runs, covered)
+        else:
+            index = load_index(loc, covered)
+            runs, duplicates, published = [legacy_run(index, covered)], index.duplicates.num_rows, index.published
+        served = id_runs.served_count(runs)
+    except (ValueError, OSError) as e:  # a damaged index file or pointer
+        return [f"the id index is unusable: {e}"], []
+    if not published:
+        problems.append("the id index does not cover every committed segment: run the index command again")
+    stored_rows = sum(c.rows for c in covered.values())
+    if served + duplicates != stored_rows:
+        problems.append(f"the id index holds {served + duplicates} rows, the segments {stored_rows}")
+    elif deep:
+        row_problems, at_home, duplicate_rows = rows_against_index(loc, runs, covered)
+        problems += row_problems
+        if not row_problems and at_home != served:
+            problems.append(
+                f"the id index serves {served} ids, {at_home} of them from a row that holds that id: "
+                f"{served - at_home} entries point at rows that hold another id"
+            )
+        if not row_problems and duplicate_rows != duplicates:
+            problems.append(
+                f"the segments hold {duplicate_rows} duplicate occurrence(s), the id index lists {duplicates}"
+            )
+    if duplicates:
+        warnings.append(
+            f"{duplicates} duplicate id(s); the first occurrence of each is served "
+            f"(listed in index/{', index/'.join(n for n in ptr.files() if 'duplicates' in n)})"
+        )
+    return problems, warnings
+
+
+def rows_against_index(loc: Location, runs: list, covered: dict) -> tuple[list[str], int, int]:
+    """(problems, rows served from where they are, rows that are later occurrences of an id served from
+    earlier), looking every stored row's id up in ``runs``, one segment at a time."""
+    lookup = id_runs.Lookup(runs)
+    names = [r.segments["segment"].to_pylist() for r in runs]  # per run: its segment table, by row
+    code_in = [{name: code for code, name in enumerate(n)} for n in names]
+    problems: list[str] = []
+    at_home = duplicate_rows = 0
+    for seg in sorted(covered):
+        try:
+            stored = segment_ids(loc, covered[seg].data_path)
+        except (KeyError, FileNotFoundError, ValueError, OSError) as e:
+            problems.append(f"the ids of segment {seg} are unreadable: {type(e).__name__}: {e}")
+            continue
+        which, pos, _ = lookup.find(stored.tolist())
+        home = np.zeros(len(stored), bool)
+        for r in np.unique(which[which >= 0]).tolist():
+            pick = np.flatnonzero(which == r)
+            run = runs[r]
+            home[pick] = (run.segment[pos[pick]] == code_in[r].get(seg, -1)) & (run.row[pos[pick]] == pick)
+        at_home += int(home.sum())
+        missing = np.flatnonzero(which < 0)
+        if len(missing):
+            problems.append(
+                f"segment {seg}: {len(missing)} stored id(s) are not in the id index (first: {stored[missing[0]]!r})"
+            )
+        wrong = []
+        for row in np.flatnonzero(~home & (which >= 0)).tolist():
+            run, p = runs[int(which[row])], int(pos[row])
+            where = (names[int(which[row])][int(run.segment[p])], int(run.row[p]))
+            if where < (seg, row) and where[0] in covered and where[1] < covered[where[0]].rows:
+                duplicate_rows += 1  # a later occurrence; the first one is served (checked when its row is read)
+            else:
+                wrong.append((stored[row], where))
+        if wrong:
+            (id_, (other, other_row)), more = wrong[0], len(wrong) - 1
+            problems.append(
+                f"segment {seg}: the id index serves id {id_!r} from segment {other} row {other_row}, which is "
+                f"neither this row nor an earlier occurrence" + (f" ({more} more such id(s))" if more else "")
+            )
+    return problems, at_home, duplicate_rows
 
 
 def verify(url: str, deep: bool = False) -> dict:
@@ -141,43 +243,9 @@ def verify(url: str, deep: bool = False) -> dict:
     problems += problems_log
     warnings += warnings_log
     covered = {s: c for s, c in commits.items() if s not in unlogged}  # what the index must cover
-    index = None
-    if not loc.exists(layout.INDEX, layout.INDEX_POINTER):
-        problems.append("no id index (index/CURRENT.json): run the same index command again to finalize")
-    else:
-        try:
-            check_index_files(loc, read_pointer(loc))
-            index = load_index(loc, covered)
-        except (ValueError, OSError) as e:  # a damaged index file or pointer
-            problems.append(f"the id index is unusable: {e}")
-            index = None
-    if index is not None:
-        if not index.published:
-            problems.append("the id index does not cover every committed segment: run the index command again")
-        total = index.table.num_rows + index.duplicates.num_rows
-        stored_rows = sum(c.rows for c in covered.values())
-        if total != stored_rows:
-            problems.append(f"the id index holds {total} rows, the segments {stored_rows}")
-        elif deep:
-            segs = index.table["segment"].to_numpy(zero_copy_only=False)
-            rows_all, ids_all = index.table["row"].to_numpy(), index.table["id"].to_numpy(zero_copy_only=False)
-            order = np.argsort(segs, kind="stable")
-            bounds = np.flatnonzero(np.r_[True, segs[order][1:] != segs[order][:-1], True])
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                seg, pick = segs[order[lo]], order[lo:hi]
-                try:
-                    stored = zarr.open_group(loc.url_of(covered[seg].data_path), mode="r")[layout.IDS][...]
-                except (KeyError, FileNotFoundError, ValueError, OSError) as e:
-                    problems.append(f"the ids of segment {seg} are unreadable: {type(e).__name__}: {e}")
-                    continue
-                rows = rows_all[pick]
-                if (rows >= len(stored)).any() or list(stored[rows]) != list(ids_all[pick]):
-                    problems.append(f"the id index disagrees with the ids stored in segment {seg}")
-        if index.duplicates.num_rows:
-            warnings.append(
-                f"{index.duplicates.num_rows} duplicate id(s); the first occurrence of each is served "
-                f"(listed in index/{', index/'.join(n for n in read_pointer(loc).files() if 'duplicates' in n)})"
-            )
+    problems_index, warnings_index = index_problems(loc, covered, deep)
+    problems += problems_index
+    warnings += warnings_index
     leftovers = find_uncommitted(loc, commits, keep=retired_paths(loc))
     if leftovers:
         problems.append(f"{len(leftovers)} uncommitted leftover(s) (run 'verify --repair'): {', '.join(leftovers[:5])}")

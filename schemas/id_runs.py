@@ -279,10 +279,11 @@ class Lookup:
     def __init__(self, runs: list[Run]):
         self.runs = runs
 
-    def find(self, ids) -> tuple[np.ndarray, np.ndarray, pa.LargeStringArray]:
-        """(run number or -1, position in that run) of each id, and the ids as Arrow."""
+    def find(self, ids, hashes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, pa.LargeStringArray]:
+        """(run number or -1, position in that run) of each id, and the ids as Arrow. ``hashes``: the ids'
+        :func:`fnv1a64`, where the caller has them already (a run's own column)."""
         q = _utf8(ids)
-        hashes = fnv1a64(q)
+        hashes = fnv1a64(q) if hashes is None else hashes
         which = np.full(len(q), -1, np.int64)
         pos = np.full(len(q), -1, np.int64)
         todo = np.arange(len(q))
@@ -295,6 +296,18 @@ class Lookup:
             pos[todo[hit]] = found[hit]
             todo = todo[~hit]
         return which, pos, q
+
+
+def served_count(runs: list[Run], batch: int = HASH_BATCH) -> int:
+    """How many ids ``runs`` (oldest first) serve: each run's entries that no newer run shadows, counted
+    ``batch`` entries at a time, so memory stays bounded whatever the store's size (verify)."""
+    total = len(runs[-1]) if runs else 0  # the newest run is shadowed by nothing
+    for r, run in enumerate(runs[:-1]):
+        newer = Lookup(runs[r + 1 :])
+        for start in range(0, len(run), batch):
+            which, _, _ = newer.find(run.ids.slice(start, batch), run.hashes[start : start + batch])
+            total += int(np.count_nonzero(which < 0))
+    return total
 
 
 def merge_entries(runs: list[Run]) -> pa.Table:

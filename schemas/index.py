@@ -91,8 +91,10 @@ def _read_parquet(loc: Location, name: str, sha256: str | None = None) -> pa.Tab
 
 
 def load_index(loc: Location, commits: Mapping[str, CommitRecord]) -> IdIndex:
-    """The whole index as one table sorted by id, as of ``commits`` (O(store): verify, inspect; readers use
-    :func:`open_runs`). Format 1: the stored generation, patched with what changed since."""
+    """The whole index as one table sorted by id, as of ``commits``: O(store) memory, so only for format-1
+    stores (small, from before runs) and ``inspect`` on a store whose published generation lags its commits;
+    readers and ``verify`` look ids up in :func:`open_runs`. Format 1: the stored generation, patched with what
+    changed since."""
     ptr = read_pointer(loc)
     if ptr and ptr.format >= 2:
         return _runs_as_table(loc, ptr, commits)
@@ -188,14 +190,17 @@ def _file_source(loc: Location, name: str, sha256: str | None):
     cached = os.path.join(folder, f"{sha256}-{name}")
     if os.path.exists(cached):
         return cached
-    data = loc.read_bytes(layout.INDEX, name)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise IndexDamaged(f"id index file {loc.url_of(layout.INDEX, name)} does not match its checksum (damaged)")
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, cached)
+    try:
+        with os.fdopen(fd, "wb") as f:  # streamed: a run can be larger than memory
+            got = loc.sha256(layout.INDEX, name, copy_to=f)
+        if got != sha256:
+            raise IndexDamaged(f"id index file {loc.url_of(layout.INDEX, name)} does not match its checksum (damaged)")
+        os.replace(tmp, cached)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return cached
 
 
@@ -231,11 +236,22 @@ def _runs_as_table(loc: Location, ptr: IndexPointer, commits: Mapping[str, Commi
     table = table.sort_by([("id", "ascending")])
     dups = read_duplicates(loc, ptr)
     covered = {s: commits[s].data_path for s in commits}
+    return IdIndex(table, dups, covered, ptr.generation, published=runs_cover(ptr, runs, commits))
+
+
+def runs_cover(ptr: IndexPointer, runs: list[id_runs.Run], commits: Mapping[str, CommitRecord]) -> bool:
+    """Whether a format-2 generation reflects exactly ``commits`` (its log entry logged as many segments, and
+    none of its runs points into a segment that is no longer committed); reads the runs' segment tables only."""
     live = set(commits)
-    published = ptr.segments_count == len(commits) and all(
+    return ptr.segments_count == len(commits) and all(
         s in live for r in runs for s in r.segments["segment"].to_pylist()
     )
-    return IdIndex(table, dups, covered, ptr.generation, published=published)
+
+
+def legacy_run(index: IdIndex, commits: Mapping[str, CommitRecord]) -> id_runs.Run:
+    """A format-1 index (one table, loaded whole: stores from before runs are small) as one in-memory run,
+    so readers and verify look ids up the same way whatever the format."""
+    return id_runs.run_in_memory(id_runs.with_segments(index.table, _segment_table(commits, commits)))
 
 
 def _occurrences(loc: Location, added: Mapping[str, CommitRecord]) -> pa.Table:

@@ -31,7 +31,14 @@ import pyarrow.compute as pc
 
 from edje_indexer.schemas import id_runs, layout
 from edje_indexer.schemas.gather import Rows
-from edje_indexer.schemas.index import load_index, open_runs, read_commits, read_duplicates, read_pointer
+from edje_indexer.schemas.index import (
+    legacy_run,
+    load_index,
+    open_runs,
+    read_commits,
+    read_duplicates,
+    read_pointer,
+)
 from edje_indexer.schemas.records import StoreMetadata
 from edje_indexer.schemas.storage import Location
 from edje_indexer.schemas.store import open_metadata
@@ -92,18 +99,7 @@ class TokenStore:
         # A store from before runs (or whose first job has not finished): its table, in memory.
         commits = read_commits(loc)
         index = load_index(loc, commits)
-        entries = id_runs.with_segments(
-            index.table,
-            pa.table(
-                {
-                    "segment": pa.array(sorted(commits), pa.string()),
-                    "data_path": pa.array([commits[s].data_path for s in sorted(commits)], pa.string()),
-                    "rows": pa.array([commits[s].rows for s in sorted(commits)], pa.int64()),
-                },
-                schema=id_runs.SEGMENTS_SCHEMA,
-            ),
-        )
-        store = cls(loc, meta, [id_runs.run_in_memory(entries)], index.table.num_rows)
+        store = cls(loc, meta, [legacy_run(index, commits)], index.table.num_rows)
         store._duplicates = index.duplicates
         store._segments_count = len(commits)
         return store

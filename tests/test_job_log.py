@@ -4,6 +4,7 @@ real writer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,11 @@ class Store:
         assert ts.duplicates.num_rows == dups
         for row in ts.duplicates.to_pylist():  # each listed occurrence names the one that is served
             assert (row["kept_segment"], row["kept_row"]) == want[row["id"]]
+        report = verify(self.url, deep=True)  # every stored row looked up in the runs
+        assert report["ok"], report["problems"]
+        ptr = read_pointer(self.loc)
+        if ptr.format >= 2:
+            assert id_runs.served_count(id_index.open_runs(self.loc, ptr)) == len(want)
         return ts
 
 
@@ -303,3 +309,79 @@ def test_ids_of_one_hash_are_told_apart():
     queries = pa.array(["d", "b", "c", "x", "a"], pa.large_string())
     got = run.find(np.array([7, 7, 7, 7, 1], np.uint64), queries)
     assert got.tolist() == [3, 1, 2, -1, 0]
+
+
+def test_verify_looks_ids_up_in_the_runs_and_never_merges_them(store, monkeypatch):
+    store.segment("m", ["dup", "twice"] + [f"m-{i}" for i in range(40)])  # a large first run, kept as it is
+    finalize(store.loc, "job1")
+    store.segment("z", ["z-0", "dup", "twice"])
+    finalize(store.loc, "job2", planned=[layout.segment_name("synthetic://z.tar")])
+    store.segment("b", ["b-0", "dup"])  # an earlier segment: its "dup" shadows job1's entry from a newer run
+    finalize(store.loc, "job3", planned=[layout.segment_name("synthetic://b.tar")])
+    assert len(read_pointer(store.loc).runs) >= 2
+    store.check()
+
+    def whole_index(*args, **kwargs):
+        raise AssertionError("verify materialised the whole id index")
+
+    monkeypatch.setattr(id_runs, "merge_entries", whole_index)
+    monkeypatch.setattr(id_index, "load_index", whole_index)
+    for deep in (False, True):
+        report = verify(store.url, deep=deep)
+        assert report["ok"], report["problems"]
+        assert any("3 duplicate id(s)" in w for w in report["warnings"]), report["warnings"]
+
+
+def _rewrite_newest_run(store: Store, rows_of) -> None:
+    """Replace the ``row`` column of the newest run with ``rows_of(ids, rows)``, with a matching checksum:
+    an index that is wrong but not damaged, which only reading the segments can tell."""
+    pointer = os.path.join(store.url, layout.INDEX, layout.INDEX_POINTER)
+    raw = json.load(open(pointer))
+    run_files = raw["runs"][-1]
+    ids_path = os.path.join(store.url, layout.INDEX, run_files["ids"])
+    run = id_runs.open_run(open(ids_path, "rb").read(), os.path.join(store.url, layout.INDEX, run_files["segments"]))
+    table = run.table()
+    rows = rows_of(table["id"].to_pylist(), table["row"].to_numpy().copy())
+    data = id_runs.ipc_bytes(table.set_column(3, id_runs.RUN_SCHEMA.field("row"), pa.array(rows, pa.int32())))
+    open(ids_path, "wb").write(data)
+    raw["checksums"][run_files["ids"]] = hashlib.sha256(data).hexdigest()
+    json.dump(raw, open(pointer, "w"))
+
+
+def _swap(ids, rows, a="a-0", b="a-1"):
+    i, j = ids.index(a), ids.index(b)
+    rows[i], rows[j] = rows[j], rows[i]
+    return rows
+
+
+def _to_first_row(ids, rows):
+    rows[ids.index("a-2")] = 0  # a-2 (row 2) said to be at row 0, where a-0 is
+    return rows
+
+
+@pytest.mark.parametrize(
+    "rows_of, expect",
+    [(_swap, "neither this row nor an earlier occurrence"), (_to_first_row, "point at rows that hold another id")],
+)
+def test_deep_verify_catches_an_index_entry_that_points_at_another_row(store, rows_of, expect):
+    store.segment("a", ["a-0", "a-1", "a-2", "a-3"])
+    store.segment("b", ["b-0", "b-1"])
+    finalize(store.loc, "job1")
+    _rewrite_newest_run(store, rows_of)
+    assert verify(store.url)["ok"]  # the counts still add up: only the rows can tell
+    report = verify(store.url, deep=True)
+    assert not report["ok"] and any(expect in p for p in report["problems"]), report["problems"]
+
+
+def test_deep_verify_catches_a_stored_id_the_index_does_not_have(store):
+    store.segment("a", ["a-0", "a-1"])
+    finalize(store.loc, "job1")
+    _rewrite_newest_run(store, lambda ids, rows: rows)  # unchanged: still ok
+    assert verify(store.url, deep=True)["ok"]
+    seg = layout.segment_name("synthetic://a.tar")
+    rec = read_commits(store.loc)[seg]
+    import zarr
+
+    zarr.open_group(store.loc.url_of(rec.data_path), mode="r+")["ids"][1] = "a-9"  # data changed under the index
+    report = verify(store.url, deep=True)
+    assert any("1 stored id(s) are not in the id index (first: 'a-9')" in p for p in report["problems"]), report

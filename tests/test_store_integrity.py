@@ -157,3 +157,16 @@ def test_token_store_closes_and_is_a_context_manager(store):
         assert ts.get(built.ids[:2]).shape == (2, 64, 384)
     with pytest.raises(ValueError, match="closed"):
         ts.get(built.ids[:2])
+
+
+def test_files_are_hashed_and_copied_a_block_at_a_time(tmp_path):
+    # verify hashes every id index file and remote readers copy runs to a local cache: never the whole file
+    # in memory (a run of 10^9 ids is ~40 GB), so the digest and the copy must come out of many blocks right
+    import hashlib
+    import io
+
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    (tmp_path / "blob").write_bytes(data)
+    copy = io.BytesIO()
+    assert Location(str(tmp_path)).sha256("blob", copy_to=copy, block=4096) == hashlib.sha256(data).hexdigest()
+    assert copy.getvalue() == data
